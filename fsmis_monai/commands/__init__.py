@@ -1,0 +1,1 @@
+"""Subcommands of the ``fsmis`` CLI; see :mod:`fsmis_monai.cli`."""

@@ -1,0 +1,1 @@
+"""Datasets: registry of benchmarks, datalists paired by id, episodic samplers."""

@@ -1,0 +1,177 @@
+"""File input/output shared by every stage: atomic writes, checked reads, safe checkpoint loading.
+
+Every file the project writes goes through :func:`atomic_path`: the content is written to a temporary
+file in the destination folder and renamed over the target only once it is complete, so a crash
+mid-write leaves the previous file (or none), never a truncated one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+
+PathLike = "str | os.PathLike[str]"
+
+_MULTI_SUFFIXES = (".nii.gz", ".tar.gz")
+
+
+class FsmisInputError(ValueError):
+    """A user-supplied file or setting is unusable; the message names the file and the problem."""
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    for s in _MULTI_SUFFIXES:
+        if name.endswith(s):
+            return s
+    return path.suffix
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` when the block succeeds.
+
+    The temporary keeps the target's suffix (``.nii.gz``, ``.pt``...) so writers that choose a format
+    by extension behave the same. On error the temporary is removed and the target is untouched.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp" + _suffix(target), dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike[str], obj: Any, indent: int = 2) -> Path:
+    return write_text(path, json.dumps(obj, indent=indent, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    p = Path(path)
+    if not p.is_file():
+        raise FsmisInputError(f"{p}: file not found")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise FsmisInputError(f"{p}: not valid JSON ({e})") from e
+
+
+# ----------------------------------------------------------------------------------------- NIfTI
+
+
+def load_nifti(path: str | os.PathLike[str], dtype: Any = None):
+    """Load a NIfTI file fully, returning ``(array, nibabel_image)``.
+
+    Errors name the file: missing, zero bytes, not a NIfTI, truncated/corrupt data, NaN/Inf voxels
+    are *not* rejected here (callers decide) but everything unreadable is.
+    """
+    import nibabel as nib
+
+    p = Path(path)
+    if not p.is_file():
+        raise FsmisInputError(f"{p}: file not found")
+    if p.stat().st_size == 0:
+        raise FsmisInputError(f"{p}: file is empty (0 bytes)")
+    try:
+        img = nib.load(str(p))
+        data = np.asarray(img.dataobj)
+    except Exception as e:  # nibabel raises many types (ImageFileError, EOFError, zlib.error, OSError)
+        raise FsmisInputError(f"{p}: cannot read as NIfTI ({type(e).__name__}: {e})") from e
+    if dtype is not None:
+        data = data.astype(dtype, copy=False)
+    return data, img
+
+
+def save_nifti(
+    path: str | os.PathLike[str],
+    array: np.ndarray,
+    affine: np.ndarray | None = None,
+    header: Any = None,
+    dtype: Any = None,
+) -> Path:
+    """Write ``array`` as NIfTI atomically with the given geometry (``affine``; header copied if given)."""
+    import nibabel as nib
+
+    arr = np.asarray(array)
+    if dtype is not None:
+        arr = arr.astype(dtype, copy=False)
+    hdr = header.copy() if header is not None else None
+    img = nib.Nifti1Image(arr, np.eye(4) if affine is None else affine, header=hdr)
+    img.set_data_dtype(arr.dtype)
+    if header is None or affine is not None:
+        img.set_qform(img.affine, code=1)
+        img.set_sform(img.affine, code=1)
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+    return Path(path)
+
+
+# ------------------------------------------------------------------------------------- checkpoints
+
+
+def torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
+
+
+def torch_load(path: str | os.PathLike[str], map_location: Any = "cpu") -> Any:
+    """Load a checkpoint with ``weights_only=True``: tensors and plain containers only, never code.
+
+    A checkpoint that needs arbitrary unpickling is refused with a message naming the file.
+    """
+    import pickle
+
+    import torch
+
+    p = Path(path)
+    if not p.is_file():
+        raise FsmisInputError(f"{p}: checkpoint not found")
+    if p.stat().st_size == 0:
+        raise FsmisInputError(f"{p}: checkpoint is empty (0 bytes)")
+    try:
+        return torch.load(p, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise FsmisInputError(
+            f"{p}: refused to load: the checkpoint contains objects other than tensors and plain "
+            f"containers (weights_only=True). Only load checkpoints you trust. Detail: {e}"
+        ) from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise FsmisInputError(f"{p}: cannot read checkpoint ({type(e).__name__}: {e})") from e
+
+
+def state_dict_from_checkpoint(ckpt: Mapping[str, Any], keys: tuple[str, ...] = ("model", "network", "state_dict")) -> dict:
+    """Return the model state dict from a checkpoint that is either a state dict or wraps one."""
+    for k in keys:
+        if isinstance(ckpt, Mapping) and k in ckpt and isinstance(ckpt[k], Mapping):
+            return dict(ckpt[k])
+    return dict(ckpt)

@@ -1,0 +1,1 @@
+"""Encoders, the shared prototype vocabulary, and one module per few-shot method."""

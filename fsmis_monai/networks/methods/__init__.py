@@ -1,0 +1,35 @@
+"""One module per few-shot method; :func:`build_method` creates one by registry name."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from fsmis_monai.networks.methods.base import FewShotOutput, FewShotSegmenter, SupportState
+
+# registry name -> "module:ClassName" (imported lazily so a method's dependencies load only when used)
+METHODS: dict[str, str] = {
+    "prototype": "fsmis_monai.networks.methods.prototype:PrototypeSegmenter",
+    "ssl_alpnet": "fsmis_monai.networks.methods.alpnet:ALPNet",
+    "adnet": "fsmis_monai.networks.methods.adnet:ADNet",
+    "qnet": "fsmis_monai.networks.methods.qnet:QNet",
+    "lslpn": "fsmis_monai.networks.methods.lslpn:LSLPN",
+    "gmrd": "fsmis_monai.networks.methods.gmrd:GMRD",
+    "pami": "fsmis_monai.networks.methods.pami:PAMI",
+    "difd": "fsmis_monai.networks.methods.difd:DIFD",
+}
+
+
+def method_class(name: str) -> type:
+    if name not in METHODS:
+        raise KeyError(f"unknown method {name!r}; known: {sorted(METHODS)}")
+    module, cls = METHODS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def build_method(name: str, **kwargs: Any) -> FewShotSegmenter:
+    """Instantiate the method registered as ``name`` (e.g. ``build_method("qnet", encoder="small")``)."""
+    return method_class(name)(**kwargs)
+
+
+__all__ = ["FewShotOutput", "FewShotSegmenter", "SupportState", "METHODS", "build_method", "method_class"]

@@ -1,0 +1,52 @@
+"""A plain prototype baseline (PANet-style without alignment): MAP foreground and background
+prototypes, logits = 20 * cosine. Used to test the data and evaluation pipeline on real scans before
+any published method is trained, and as the simplest reference for new methods.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fsmis_monai.networks.methods.base import FewShotOutput, FewShotSegmenter, SupportState, check_support
+from fsmis_monai.networks.prototypes import cosine_map, masked_average_pooling, resize_to
+
+
+class PrototypeSegmenter(FewShotSegmenter):
+    """Masked-average-pooling + cosine few-shot segmenter on any encoder's ``feature_key`` output."""
+
+    name = "prototype"
+
+    def __init__(self, encoder: Optional[nn.Module] = None, feature_key: str = "down3", scale: float = 20.0) -> None:
+        super().__init__()
+        if encoder is None:
+            from fsmis_monai.networks.encoders import SmallEncoder
+
+            encoder = SmallEncoder()
+        self.encoder = encoder
+        self.feature_key = feature_key
+        self.scale = scale
+
+    def encode_support(self, support_images: torch.Tensor, support_masks: torch.Tensor) -> SupportState:
+        check_support(support_images, support_masks)
+        feats = self.encoder(support_images)[self.feature_key]
+        fg = masked_average_pooling(feats, support_masks).mean(0)
+        bg = masked_average_pooling(feats, 1.0 - support_masks).mean(0)
+        return {"prototypes": torch.stack([bg, fg])}
+
+    def segment(self, query_images: torch.Tensor, state: SupportState) -> torch.Tensor:
+        feats = self.encoder(query_images)[self.feature_key]
+        logits = cosine_map(feats, state["prototypes"], scale=self.scale)
+        return resize_to(logits, tuple(query_images.shape[-2:]))
+
+    def forward(self, support_images, support_masks, query_images, query_labels=None) -> FewShotOutput:
+        logits = torch.cat(
+            [self.segment(q[None], self.encode_support(s, m)) for s, m, q in zip(support_images, support_masks, query_images)]
+        )
+        out: FewShotOutput = {"logits": logits}
+        if query_labels is not None:
+            out["losses"] = {"query_ce": F.cross_entropy(logits, query_labels.long(), ignore_index=255)}
+        return out

@@ -1,0 +1,44 @@
+"""Shared fixtures: where the real scans are, and small helpers to read a few of them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# The real scans live beside the repository (../shared/data), never inside it. FSMIS_DATA overrides.
+DATA_ROOT = Path(os.environ.get("FSMIS_DATA", REPO_ROOT.parent / "shared" / "data"))
+CHAOS_DIR = DATA_ROOT / "chaos_mr_t2"
+CMR_DIR = DATA_ROOT / "cmr_bssfp"
+
+
+def _require(path: Path) -> Path:
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"real test data not found at {path}; set FSMIS_DATA to the folder holding chaos_mr_t2/ and cmr_bssfp/"
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def chaos_dir() -> Path:
+    return _require(CHAOS_DIR)
+
+
+@pytest.fixture(scope="session")
+def cmr_dir() -> Path:
+    return _require(CMR_DIR)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _few_threads():
+    """Two cores on CI: keep torch from oversubscribing them."""
+    try:
+        import torch
+
+        torch.set_num_threads(min(2, os.cpu_count() or 1))
+    except ImportError:  # pragma: no cover
+        pass
+    yield
