@@ -39,11 +39,11 @@ def test_cmr_and_sabs_fold_index_ranges():
     expected_cmr = {0: range(0, 8), 1: range(7, 15), 2: range(14, 22), 3: range(21, 29)}
     for fold, idx in expected_cmr.items():
         assert list(get_fold("cmr", fold, "adnet").test_ids) == [i + 1 for i in idx]
-    assert list(get_fold("cmr", 4, "adnet").test_ids) == [29, 30, 31, 32, 33, 34, 35, 1]
+    assert list(get_fold("cmr", 4, "adnet").test_ids) == [1, 29, 30, 31, 32, 33, 34, 35]
     assert len(get_fold("cmr", 0).train_ids) == 27
     # SABS: 0-6, ..., 24-29 + 0 over ids 0..29; training 23 scans
     assert list(get_fold("sabs", 1, "adnet").test_ids) == list(range(6, 13))
-    assert list(get_fold("sabs", 4, "adnet").test_ids) == [24, 25, 26, 27, 28, 29, 0]
+    assert list(get_fold("sabs", 4, "adnet").test_ids) == [0, 24, 25, 26, 27, 28, 29]
     assert len(get_fold("sabs", 2).train_ids) == 23
 
 
