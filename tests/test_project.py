@@ -1,0 +1,33 @@
+"""The README's install and test commands are exactly what CI runs."""
+
+import re
+
+from conftest import REPO_ROOT
+
+
+def _indented_commands(text: str, heading: str) -> list[str]:
+    section = text.split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
+    return [line.strip() for line in section.splitlines() if line.startswith("    ") and line.strip()]
+
+
+def test_ci_runs_the_readme_commands():
+    readme = (REPO_ROOT / "README.md").read_text()
+    ci = (REPO_ROOT / ".ci" / "run").read_text()
+    install = _indented_commands(readme, "Install")
+    tests = _indented_commands(readme, "Tests")
+    assert len(install) == 1 and len(tests) == 1, "README must give ONE install and ONE test command"
+    ci_lines = [line.strip() for line in ci.splitlines()]
+    assert install[0] in ci_lines
+    assert tests[0] in ci_lines
+
+
+def test_torch_is_pinned():
+    constraints = (REPO_ROOT / "constraints.txt").read_text()
+    assert re.search(r"^torch==\d", constraints, re.M) and re.search(r"^torchvision==\d", constraints, re.M)
+
+
+def test_cli_lists_commands():
+    from fsmis_monai.cli import build_parser
+
+    help_text = build_parser().format_help()
+    assert "usage: fsmis" in help_text
