@@ -62,6 +62,15 @@ class FewShotSegmenter(nn.Module):
         return torch.stack([v.reshape(()) for v in losses.values()]).sum()
 
 
+def resolve_encoder(encoder: "str | nn.Module", pretrained_weights: Optional[str] = None) -> nn.Module:
+    """An encoder module as given, or the registered encoder of that name (imported only when needed)."""
+    if isinstance(encoder, nn.Module):
+        return encoder
+    from fsmis_monai.networks.encoders import build_encoder
+
+    return build_encoder(encoder, pretrained_weights=pretrained_weights)
+
+
 def check_support(support_images: torch.Tensor, support_masks: torch.Tensor) -> None:
     """Validate support shapes with a message a user can act on."""
     if support_images.dim() != 4:
