@@ -1,0 +1,386 @@
+"""Volumetric few-shot evaluation of one model on a dataset folder: folds, protocols, one shared prediction
+pass, Dice accounting, reports and NIfTI predictions, resumable.
+
+For every (fold, query scan, class) the requested protocols are planned (:mod:`.protocols`); the union of
+their ``(support slices, query slice)`` pairs is predicted once (support encoded once per support group,
+query slices batched through :class:`.inferer.FewShotSliceInferer`) and each protocol reads its slices from
+that pass. Finished query scans are cached under ``<output_dir>/cases`` (written atomically after the
+scan's NIfTI and PNG outputs), so a restarted run skips them and ends with the same report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence
+
+import numpy as np
+import torch
+from monai.transforms import NormalizeIntensity, RepeatChannel
+from tqdm.auto import tqdm
+
+from fsmis_monai.data.datalist import ScanFiles, pair_scans
+from fsmis_monai.data.registry import DatasetDescriptor, get_dataset, get_fold
+from fsmis_monai.evaluation.inferer import FewShotSliceInferer
+from fsmis_monai.evaluation.metrics import CaseResult, case_status, confusion_counts, dice_from_counts, summarize_cases
+from fsmis_monai.evaluation.protocols import ProtocolPlan, SupportGroup, check_protocols, make_plan, merge_requests
+from fsmis_monai.evaluation.report import box_plot, overlay_png, write_per_case_csv, write_summary
+from fsmis_monai.io import FsmisInputError, load_nifti, read_json, save_nifti, write_json
+
+logger = logging.getLogger(__name__)
+
+Normalization = Literal["volume", "global", "slice_minmax", "none"]
+DEFAULT_PROTOCOLS = ("ep1", "whole")
+
+
+@dataclass
+class Scan:
+    """A loaded scan: image [X, Y, Z] float32, canonical label [X, Y, Z] int16, the NIfTI it came from."""
+
+    scan_id: int
+    image: np.ndarray
+    label: np.ndarray
+    nifti: Any
+    path: Path
+
+
+def load_scan(files: ScanFiles, desc: DatasetDescriptor) -> Scan:
+    """Read image and label, check that they match and map raw label values to the canonical ids."""
+    image, img = load_nifti(files.image, dtype=np.float32)
+    if files.label is None:
+        raise FsmisInputError(f"{files.image}: no label file; evaluation needs label_{files.scan_id}")
+    raw, _ = load_nifti(files.label)
+    if image.ndim != 3 or raw.shape != image.shape:
+        raise FsmisInputError(
+            f"{files.label}: label shape {raw.shape} does not match image shape {image.shape} (3D volumes expected)")
+    if not np.isfinite(image).all():
+        raise FsmisInputError(f"{files.image}: image holds NaN or Inf voxels")
+    values = np.unique(raw)
+    unknown = [v for v in values.tolist() if v not in desc.raw_label_map]
+    if unknown:
+        raise FsmisInputError(f"{files.label}: label values {unknown} are not in the {desc.key} label map "
+                              f"{dict(desc.raw_label_map)}")
+    label = np.zeros(raw.shape, np.int16)
+    for v in values.tolist():
+        label[raw == v] = desc.raw_label_map[v]
+    return Scan(files.scan_id, image, label, img, Path(files.image))
+
+
+def normalize(image: np.ndarray, mode: Normalization = "volume", stats: Optional[tuple[float, float]] = None) -> torch.Tensor:
+    """Intensity normalisation of the Q-Net family (methods.md 1.6) and 3-channel repeat: [X,Y,Z] -> [3,X,Y,Z].
+
+    ``volume``: z-score over the whole scan (ADNet, Q-Net, GMRD, PAMI, DIFD; SSL-ALPNet on MR);
+    ``global``: z-score with fixed ``stats`` = (mean, std), e.g. of the training scans (SSL-ALPNet on CT);
+    ``slice_minmax``: each slice scaled to [0, 1] (LSLPN); ``none``: unchanged.
+    """
+    x = torch.as_tensor(np.ascontiguousarray(image), dtype=torch.float32)[None]
+    if mode == "volume":
+        x = NormalizeIntensity()(x)
+    elif mode == "global":
+        if stats is None:
+            raise ValueError("normalization='global' needs stats=(mean, std)")
+        x = NormalizeIntensity(subtrahend=float(stats[0]), divisor=float(stats[1]))(x)
+    elif mode == "slice_minmax":
+        lo = x.amin(dim=(1, 2), keepdim=True)
+        hi = x.amax(dim=(1, 2), keepdim=True)
+        x = (x - lo) / (hi - lo).clamp_min(1e-8)
+    elif mode != "none":
+        raise ValueError(f"unknown normalization {mode!r}; use volume, global, slice_minmax or none")
+    x = RepeatChannel(3)(x)
+    return x.as_tensor() if hasattr(x, "as_tensor") else x  # plain tensor: no MetaTensor bookkeeping per slice
+
+
+def global_statistics(files: Sequence[ScanFiles]) -> tuple[float, float]:
+    """Mean and standard deviation over every voxel of ``files`` (the training scans of a fold)."""
+    total, total_sq, count = 0.0, 0.0, 0
+    for f in files:
+        img, _ = load_nifti(f.image, dtype=np.float64)
+        total += float(img.sum())
+        total_sq += float(np.square(img).sum())
+        count += img.size
+    if count == 0:
+        raise FsmisInputError("global normalisation: no training scans to compute statistics from")
+    mean = total / count
+    return mean, float(np.sqrt(max(total_sq / count - mean * mean, 0.0)))
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-1 of the model's state dict, so a resumed run refuses results of other weights."""
+    h = hashlib.sha1()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _support_tensors(support_image: torch.Tensor, support_mask: np.ndarray, group: SupportGroup):
+    images = torch.stack([support_image[..., z] for z in group])  # [K, 3, X, Y]
+    masks = torch.as_tensor(np.stack([support_mask[..., z] for z in group]).astype(np.float32))  # [K, X, Y]
+    return images, masks
+
+
+def predict_pass(
+    model: torch.nn.Module,
+    inferer: FewShotSliceInferer,
+    query_image: torch.Tensor,
+    support_image: torch.Tensor,
+    support_mask: np.ndarray,
+    requests: dict[SupportGroup, list[int]],
+    on_batch=None,
+) -> dict[SupportGroup, dict[int, np.ndarray]]:
+    """The shared pass: for each support group, encode it once and segment its query slices (argmax)."""
+    out: dict[SupportGroup, dict[int, np.ndarray]] = {}
+    for group, zs in requests.items():
+        images, masks = _support_tensors(support_image, support_mask, group)
+        state = inferer.encode(model, images, masks)
+        logits = inferer(model, query_image[..., zs], state, on_batch=on_batch)  # [2, X, Y, n]
+        labels = logits.argmax(0).numpy().astype(bool)
+        out[group] = {z: labels[..., i] for i, z in enumerate(zs)}
+    return out
+
+
+def assemble(plan: ProtocolPlan, predictions: dict[SupportGroup, dict[int, np.ndarray]], shape: tuple[int, ...]) -> np.ndarray:
+    """The protocol's binary prediction volume: its slices from the shared pass, 0 where it predicts nothing."""
+    vol = np.zeros(shape, np.uint8)
+    for z in np.flatnonzero(plan.predicted):
+        vol[..., z] = predictions[plan.support_groups[plan.assignment[z]]][int(z)]
+    return vol
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.link")
+    if tmp.exists():
+        tmp.unlink()
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+class FewShotEvaluator:
+    """Evaluate ``model`` on folds of a dataset folder; see :func:`evaluate` for the arguments."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        dataset_dir: str | Path,
+        dataset: str | DatasetDescriptor = "chaos",
+        family: str = "qnet",
+        protocols: str | Sequence[str] = DEFAULT_PROTOCOLS,
+        output_dir: Optional[str | Path] = None,
+        device: Optional[str | torch.device] = None,
+        sw_batch_size: int = 8,
+        classes: Optional[Sequence[int | str]] = None,
+        query_ids: Optional[Sequence[int]] = None,
+        support_id: Optional[int] = None,
+        normalization: Normalization = "volume",
+        global_stats: Optional[tuple[float, float]] = None,
+        faithful: bool = False,
+        protocol_options: Optional[dict[str, dict]] = None,
+        save_predictions: bool = True,
+        overlay_slices: int = 3,
+        resume: bool = True,
+        progress: bool = True,
+    ) -> None:
+        self.desc = get_dataset(dataset)
+        self.dataset_dir = Path(dataset_dir)
+        self.family = family
+        self.protocols = check_protocols(protocols)
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.device = torch.device(device) if device is not None else (
+            torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+        self.model = model.to(self.device).eval()
+        self.inferer = FewShotSliceInferer(sw_batch_size=sw_batch_size, device=self.device)
+        self.classes = tuple(self.desc.class_id(c) for c in classes) if classes else self.desc.test_classes
+        self.query_ids = tuple(int(i) for i in query_ids) if query_ids else None
+        self.support_id = support_id
+        self.normalization = normalization
+        self.global_stats = global_stats
+        self.faithful = faithful
+        self.protocol_options = protocol_options or {}
+        self.save_predictions = save_predictions and self.output_dir is not None
+        self.overlay_slices = overlay_slices if self.output_dir is not None else 0
+        self.resume = resume
+        self.progress = progress
+
+    # ------------------------------------------------------------------------------------ setup
+
+    def _fold_setup(self, fold: int):
+        available = [f.scan_id for f in pair_scans(self.dataset_dir, require_pseudolabels=False)]
+        spec = get_fold(self.desc, fold, self.family)
+        support = int(self.support_id) if self.support_id is not None else spec.support_id
+        queries = self.query_ids if self.query_ids is not None else spec.query_ids
+        missing = [i for i in (support, *queries) if i not in available]
+        if missing:
+            raise FsmisInputError(f"{self.dataset_dir}: fold {fold} ({self.family}) needs scans {missing}, "
+                                  f"which are not in the folder (found ids {available})")
+        train = [i for i in spec.train_ids if i in available]
+        return support, tuple(queries), train
+
+    def _run_config(self, fold_runs: dict) -> dict:
+        return {
+            "dataset": self.desc.key, "family": self.family, "protocols": list(self.protocols),
+            "classes": list(self.classes), "folds": fold_runs, "normalization": self.normalization,
+            "global_stats": list(self.global_stats) if self.global_stats else None, "faithful": self.faithful,
+            "protocol_options": self.protocol_options, "model": type(self.model).__name__,
+            "model_sha1": model_fingerprint(self.model),
+        }
+
+    def _check_resume(self, config: dict) -> None:
+        assert self.output_dir is not None
+        path = self.output_dir / "run_config.json"
+        if path.is_file() and self.resume:
+            previous = read_json(path)
+            if previous != config:
+                changed = sorted(k for k in set(previous) | set(config) if previous.get(k) != config.get(k))
+                raise FsmisInputError(
+                    f"{path}: the output folder holds a run with different settings ({', '.join(changed)}); "
+                    "use another output_dir or resume=False to start over")
+        elif path.is_file() and not self.resume:
+            shutil.rmtree(self.output_dir / "cases", ignore_errors=True)
+        write_json(path, config)
+
+    # -------------------------------------------------------------------------------------- run
+
+    def run(self, folds: int | Sequence[int] = 0) -> dict:
+        folds = [int(folds)] if isinstance(folds, (int, np.integer)) else [int(f) for f in folds]
+        setups = {f: self._fold_setup(f) for f in folds}
+        fold_runs = {str(f): {"support_id": s, "query_ids": list(q)} for f, (s, q, _) in setups.items()}
+        if self.output_dir is not None:
+            self._check_resume(self._run_config(fold_runs))
+        files = {f.scan_id: f for f in pair_scans(self.dataset_dir, require_pseudolabels=False)}
+        cases: list[CaseResult] = []
+        for f in folds:
+            support_id, query_ids, train_ids = setups[f]
+            fold_dir = None if self.output_dir is None else (
+                self.output_dir if len(folds) == 1 else self.output_dir / f"fold_{f}")
+            stats = self.global_stats
+            if self.normalization == "global" and stats is None:
+                stats = global_statistics([files[i] for i in train_ids])
+            support = load_scan(files[support_id], self.desc)
+            support_image = normalize(support.image, self.normalization, stats)
+            fold_cases: list[CaseResult] = []
+            for n, qid in enumerate(query_ids):
+                cached = self._cached(f, qid)
+                if cached is not None:
+                    fold_cases += cached
+                    continue
+                query = load_scan(files[qid], self.desc)
+                rows = self._evaluate_query(f, query, support, support_image, stats, fold_dir, overlays=(n == 0))
+                self._cache(f, qid, rows)
+                fold_cases += rows
+            if fold_dir is not None and len(folds) > 1:
+                self._write_reports(fold_dir, fold_cases, f"Fold {f}")
+            cases += fold_cases
+        summary = summarize_cases(cases)
+        summary["config"] = {"dataset": self.desc.key, "family": self.family, "protocols": list(self.protocols),
+                             "classes": list(self.classes), "folds": fold_runs}
+        if self.output_dir is not None:
+            self._write_reports(self.output_dir, cases, f"{self.desc.title}, {self.family} folds", summary)
+        return summary
+
+    def _write_reports(self, out: Path, cases: list[CaseResult], title: str, summary: Optional[dict] = None) -> None:
+        if summary is None:
+            summary = summarize_cases(cases)
+        write_per_case_csv(out / "per_case.csv", cases)
+        write_summary(out, summary, title)
+        box_plot(out / "dice_boxplot.png", cases)
+
+    def _case_path(self, fold: int, qid: int) -> Optional[Path]:
+        return None if self.output_dir is None else self.output_dir / "cases" / f"fold_{fold}" / f"query_{qid}.json"
+
+    def _cached(self, fold: int, qid: int) -> Optional[list[CaseResult]]:
+        path = self._case_path(fold, qid)
+        if path is None or not self.resume or not path.is_file():
+            return None
+        return [CaseResult.from_row(r) for r in read_json(path)["rows"]]
+
+    def _cache(self, fold: int, qid: int, rows: list[CaseResult]) -> None:
+        path = self._case_path(fold, qid)
+        if path is not None:
+            write_json(path, {"rows": [r.as_row() for r in rows]})
+
+    def _evaluate_query(self, fold: int, query: Scan, support: Scan, support_image: torch.Tensor,
+                        stats, out_dir: Optional[Path], overlays: bool) -> list[CaseResult]:
+        query_image = normalize(query.image, self.normalization, stats)
+        plans: dict[int, dict[str, ProtocolPlan]] = {}
+        requests: dict[int, dict[SupportGroup, list[int]]] = {}
+        for c in self.classes:
+            plans[c] = {p: make_plan(p, query.label == c, support.label == c, faithful=self.faithful,
+                                     **self.protocol_options.get(p, {})) for p in self.protocols}
+            requests[c] = merge_requests(list(plans[c].values()))
+        total = sum(len(zs) for r in requests.values() for zs in r.values())
+        rows: list[CaseResult] = []
+        with tqdm(total=total, desc=f"fold {fold} query {query.scan_id}", unit="slice",
+                  disable=not self.progress, leave=False) as bar:
+            for c in self.classes:
+                preds = predict_pass(self.model, self.inferer, query_image, support_image, support.label == c,
+                                     requests[c], on_batch=bar.update)
+                truth = query.label == c
+                written: dict[bytes, Path] = {}
+                volumes = {}
+                for p, plan in plans[c].items():
+                    vol = assemble(plan, preds, query.label.shape)
+                    volumes[p] = vol
+                    tp, fp, fn = confusion_counts(vol, truth, plan.scored)
+                    status = case_status(tp, fn)
+                    dice = dice_from_counts(tp, fp, fn, plan.dice_smooth) if status == "ok" else float("nan")
+                    rows.append(CaseResult(fold, query.scan_id, support.scan_id, c, self.desc.class_name(c), p, dice,
+                                           tp, fp, fn, int(plan.scored.sum()), int(plan.predicted.sum()), status))
+                    if self.save_predictions and out_dir is not None:
+                        path = out_dir / "predictions" / p / str(query.scan_id) / f"class_{c}.nii.gz"
+                        key = hashlib.sha1(vol.tobytes()).digest()
+                        if key in written:  # protocols that share the whole prediction share the file
+                            _link_or_copy(written[key], path)
+                        else:
+                            save_nifti(path, vol, affine=query.nifti.affine, header=query.nifti.header, dtype=np.uint8)
+                            written[key] = path
+                if overlays and self.overlay_slices and out_dir is not None:
+                    self._overlays(out_dir, fold, query, c, truth, volumes)
+        return rows
+
+    def _overlays(self, out_dir: Path, fold: int, query: Scan, c: int, truth: np.ndarray, volumes: dict) -> None:
+        zs = np.flatnonzero(truth.any(axis=(0, 1)))
+        if zs.size == 0:
+            return
+        picks = sorted({int(zs[i]) for i in np.linspace(0, len(zs) - 1, self.overlay_slices).round().astype(int)})
+        p = self.protocols[0]
+        for z in picks:
+            overlay_png(out_dir / "overlays" / f"fold{fold}_query{query.scan_id}_class{c}_z{z}.png",
+                        query.image[..., z], truth[..., z], volumes[p][..., z],
+                        f"query {query.scan_id}, {self.desc.class_name(c)}, slice {z}, protocol {p}")
+
+
+def evaluate(
+    model: torch.nn.Module,
+    dataset_dir: str | Path,
+    dataset: str | DatasetDescriptor = "chaos",
+    fold: int | Sequence[int] = 0,
+    family: str = "qnet",
+    protocols: str | Sequence[str] = DEFAULT_PROTOCOLS,
+    output_dir: Optional[str | Path] = None,
+    device: Optional[str | torch.device] = None,
+    sw_batch_size: int = 8,
+    **options: Any,
+) -> dict:
+    """Evaluate a few-shot ``model`` (the :class:`~fsmis_monai.networks.methods.base.FewShotSegmenter`
+    contract) on ``fold`` (one or several) of the scans in ``dataset_dir`` and return the summary.
+
+    ``family`` picks the fold lists and the support scan (``qnet``, ``adnet`` or ``alp``, see
+    :func:`fsmis_monai.data.registry.get_fold`); ``protocols`` any of ``alp, ep1, ep2, senet, whole``.
+    With ``output_dir`` the run writes ``per_case.csv``, ``summary.json``, ``summary.md``,
+    ``dice_boxplot.png``, ``overlays/*.png`` and ``predictions/<protocol>/<query_id>/class_<c>.nii.gz``
+    (several folds: one ``fold_<k>/`` folder each plus the aggregate) and resumes an interrupted run.
+    Further options: see :class:`FewShotEvaluator` (``classes``, ``query_ids``, ``support_id``,
+    ``normalization``, ``global_stats``, ``faithful``, ``protocol_options``, ``save_predictions``,
+    ``overlay_slices``, ``resume``, ``progress``).
+    """
+    evaluator = FewShotEvaluator(model, dataset_dir, dataset=dataset, family=family, protocols=protocols,
+                                 output_dir=output_dir, device=device, sw_batch_size=sw_batch_size, **options)
+    return evaluator.run(fold)

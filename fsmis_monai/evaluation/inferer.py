@@ -1,0 +1,110 @@
+"""Slice-by-slice few-shot inference over a 3D query volume with MONAI's :class:`~monai.inferers.SliceInferer`.
+
+The support set is encoded once (``method.encode_support``) and bound to the network the inferer calls
+(:class:`SupportBoundSegmenter`): MONAI 1.5-1.6's ``SliceInferer`` forwards no keyword argument to the
+network except ``condition``, so the support state cannot travel as an argument. Query slices go through
+``method.segment`` ``sw_batch_size`` at a time (1 when the method sets ``requires_single_query = True``).
+
+Everything runs under :func:`torch.inference_mode`, except for methods that set
+``test_time_grad = True`` (test-time optimisation such as Q-Net's prototype refinement), which run under
+:func:`torch.no_grad` so that they may re-enable gradients inside ``segment``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Optional
+
+import torch
+from monai.inferers import SliceInferer
+from torch import nn
+
+from fsmis_monai.networks.methods.base import FewShotSegmenter, SupportState
+
+
+def inference_context(method: nn.Module) -> contextlib.AbstractContextManager:
+    """``inference_mode`` unless the method optimises at test time (then ``no_grad``)."""
+    return torch.no_grad() if getattr(method, "test_time_grad", False) else torch.inference_mode()
+
+
+def effective_batch_size(method: nn.Module, sw_batch_size: int) -> int:
+    return 1 if getattr(method, "requires_single_query", False) else max(1, int(sw_batch_size))
+
+
+class SupportBoundSegmenter(nn.Module):
+    """``x -> method.segment(x, state)``: a one-argument network for MONAI inferers.
+
+    ``on_batch`` (optional) is called with the batch size after every call (progress bars).
+    """
+
+    def __init__(self, method: FewShotSegmenter, state: SupportState,
+                 on_batch: Optional[Callable[[int], None]] = None) -> None:
+        super().__init__()
+        self.method = method
+        self.state = state
+        self.on_batch = on_batch
+
+    def forward(self, query_images: torch.Tensor) -> torch.Tensor:
+        logits = self.method.segment(query_images, self.state)
+        if self.on_batch is not None:
+            self.on_batch(int(query_images.shape[0]))
+        return logits
+
+
+class FewShotSliceInferer:
+    """Segment the slices of a query stack against one support set.
+
+    Args:
+        sw_batch_size: query slices per ``segment`` call.
+        device: where the method runs (``None``: the device of its first parameter, else CPU).
+        spatial_dim: the slice axis of the [C, H, W, D] inputs (2: last axis, NIfTI's z).
+    """
+
+    def __init__(self, sw_batch_size: int = 8, device: Optional[torch.device | str] = None, spatial_dim: int = 2) -> None:
+        self.sw_batch_size = sw_batch_size
+        self.device = None if device is None else torch.device(device)
+        self.spatial_dim = spatial_dim
+
+    def _device(self, method: nn.Module) -> torch.device:
+        if self.device is not None:
+            return self.device
+        p = next(method.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    def encode(self, method: FewShotSegmenter, support_images: torch.Tensor, support_masks: torch.Tensor) -> SupportState:
+        """Encode a k-shot support set ([K, C, H, W] images, [K, H, W] masks) once."""
+        dev = self._device(method)
+        with inference_context(method):
+            return method.encode_support(support_images.to(dev, torch.float32), support_masks.to(dev, torch.float32))
+
+    def __call__(
+        self,
+        method: FewShotSegmenter,
+        queries: torch.Tensor,
+        state: SupportState,
+        on_batch: Optional[Callable[[int], None]] = None,
+    ) -> torch.Tensor:
+        """Logits [2, H, W, D] of the query stack ``queries`` [C, H, W, D] (D slices) against ``state``."""
+        if queries.dim() != 4:
+            raise ValueError(f"queries must be [C, H, W, D], got shape {tuple(queries.shape)}")
+        dev = self._device(method)
+        roi = [s for i, s in enumerate(queries.shape[1:]) if i != self.spatial_dim]
+        inferer = SliceInferer(
+            spatial_dim=self.spatial_dim,
+            roi_size=roi,
+            sw_batch_size=effective_batch_size(method, self.sw_batch_size),
+            overlap=0.0,
+            mode="constant",
+            sw_device=dev,
+            device=torch.device("cpu"),
+            progress=False,
+        )
+        network = SupportBoundSegmenter(method, state, on_batch)
+        with inference_context(method):
+            out = inferer(queries[None].to(torch.float32), network)
+        return out[0]
+
+    def segment_stack(self, method: FewShotSegmenter, queries: torch.Tensor, support_images: torch.Tensor,
+                      support_masks: torch.Tensor, on_batch: Optional[Callable[[int], None]] = None) -> torch.Tensor:
+        """Encode the support once, then segment every slice of ``queries``; logits [2, H, W, D]."""
+        return self(method, queries, self.encode(method, support_images, support_masks), on_batch)
