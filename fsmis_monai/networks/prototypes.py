@@ -22,21 +22,49 @@ def resize_to(x: torch.Tensor, size: tuple[int, int], align_corners: bool = True
     return F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
 
 
+def _interpolation_matrix(n_in: int, n_out: int, align_corners: bool, like: torch.Tensor) -> torch.Tensor:
+    """[n_out, n_in] matrix of 1D linear interpolation, as ``F.interpolate(mode="bilinear")`` applies per axis."""
+    eye = torch.eye(n_in, dtype=like.dtype, device=like.device)[None, None]
+    return F.interpolate(eye, size=(n_out, n_in), mode="bilinear", align_corners=align_corners)[0, 0]
+
+
+def upsampled_mask_weights(masks: torch.Tensor, size: tuple[int, int], align_corners: bool = False) -> torch.Tensor:
+    """Masks [N, H, W] pulled back to a feature grid ``size`` (h, w) through bilinear upsampling.
+
+    Bilinear upsampling is linear and separable, up(f) = A_h f A_w^T, so
+    sum(up(f) * M) = sum(f * (A_h^T M A_w)): pooling against these weights equals pooling the upsampled
+    features, without materialising [N, C, H, W] features (the Q-Net family pools 512 x 256 x 256 per image).
+    """
+    h, w = size
+    a_h = _interpolation_matrix(h, masks.shape[-2], align_corners, masks)
+    a_w = _interpolation_matrix(w, masks.shape[-1], align_corners, masks)
+    return torch.einsum("Hh,nHW,Ww->nhw", a_h, masks, a_w)
+
+
 def masked_average_pooling(
     features: torch.Tensor,
     masks: torch.Tensor,
     mode: Literal["upsample_features", "downsample_mask"] = "upsample_features",
     eps: float = MAP_EPS,
+    align_corners: bool = False,
 ) -> torch.Tensor:
-    """Prototype of each image's masked region: features [N, C, h, w], masks [N, H, W] -> [N, C]."""
-    m = masks.unsqueeze(1).to(features.dtype)
+    """Prototype of each image's masked region: features [N, C, h, w], masks [N, H, W] -> [N, C].
+
+    ``upsample_features`` pools the features bilinearly upsampled to the mask size (ADNet, Q-Net and
+    descendants; their ``F.interpolate`` default is ``align_corners=False``), computed exactly through
+    :func:`upsampled_mask_weights`; ``downsample_mask`` pools against the mask resized to the feature size
+    (SSL-ALPNet).
+    """
+    m = masks.to(features.dtype)
     if mode == "upsample_features":
-        features = resize_to(features, tuple(m.shape[-2:]))
-    elif mode == "downsample_mask":
-        m = resize_to(m, tuple(features.shape[-2:]), align_corners=False)
-    else:
-        raise ValueError(f"unknown MAP mode {mode!r}")
-    return (features * m).sum(dim=(2, 3)) / (m.sum(dim=(2, 3)) + eps)
+        weights = m if tuple(m.shape[-2:]) == tuple(features.shape[-2:]) else upsampled_mask_weights(
+            m, tuple(features.shape[-2:]), align_corners
+        )
+        return torch.einsum("nchw,nhw->nc", features, weights) / (m.sum(dim=(1, 2))[:, None] + eps)
+    if mode == "downsample_mask":
+        m = resize_to(m.unsqueeze(1), tuple(features.shape[-2:]), align_corners=False)
+        return (features * m).sum(dim=(2, 3)) / (m.sum(dim=(2, 3)) + eps)
+    raise ValueError(f"unknown MAP mode {mode!r}")
 
 
 def cosine_map(features: torch.Tensor, prototypes: torch.Tensor, scale: float = 1.0, eps: float = 1e-8) -> torch.Tensor:
@@ -50,3 +78,86 @@ def cosine_map(features: torch.Tensor, prototypes: torch.Tensor, scale: float = 
         return scale * torch.einsum("nchw,pc->nphw", f, p)
     p = F.normalize(prototypes, dim=2, eps=eps)
     return scale * torch.einsum("nchw,npc->nphw", f, p)
+
+
+def threshold_probability(
+    features: torch.Tensor, prototypes: torch.Tensor, tau: torch.Tensor, scale: float = 20.0
+) -> torch.Tensor:
+    """ADNet / Q-Net foreground probability against one prototype per image with a per-image threshold.
+
+    p(x) = 1 - sigmoid(0.5 * (-scale * cos(f(x), p) - tau)); features [N, C, h, w], prototypes [N, C] or [C],
+    tau [N] (or a scalar) -> [N, h, w].
+    """
+    if prototypes.dim() == 1:
+        prototypes = prototypes.expand(features.shape[0], -1)
+    anomaly = -cosine_map(features, prototypes[:, None], scale=scale)[:, 0]
+    tau = torch.as_tensor(tau, dtype=features.dtype, device=features.device).reshape(-1, 1, 1)
+    return 1.0 - torch.sigmoid(0.5 * (anomaly - tau))
+
+
+PROBABILITY_EPS = float(torch.finfo(torch.float32).eps)
+
+
+def foreground_probability_to_logits(probability: torch.Tensor, eps: float = PROBABILITY_EPS) -> torch.Tensor:
+    """[N, h, w] foreground probabilities -> [N, 2, h, w] log-probabilities [log(1-p), log p] (clamped as the
+    Q-Net family clamps before its NLL), so that ``softmax`` of the result gives back [1-p, p]."""
+    p = probability.unsqueeze(1)
+    return torch.log(torch.cat([1.0 - p, p], dim=1).clamp(eps, 1.0 - eps))
+
+
+def binary_labels(mask: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """Long labels from a float mask: 1 where the mask is 1, 0 where it is 0, ``ignore_index`` elsewhere."""
+    labels = torch.full(mask.shape, ignore_index, dtype=torch.long, device=mask.device)
+    labels[mask == 1] = 1
+    labels[mask == 0] = 0
+    return labels
+
+
+def probability_nll(
+    probabilities: torch.Tensor,
+    labels: torch.Tensor,
+    weight: "torch.Tensor | None" = None,
+    ignore_index: int = 255,
+    eps: float = PROBABILITY_EPS,
+) -> torch.Tensor:
+    """NLL of class probabilities [N, K, H, W] (log of the clamped probabilities, as the Q-Net family does)."""
+    if weight is not None:
+        weight = weight.to(device=probabilities.device, dtype=probabilities.dtype)
+    log_p = torch.log(probabilities.clamp(eps, 1.0 - eps))
+    return F.nll_loss(log_p, labels.long(), weight=weight, ignore_index=ignore_index)
+
+
+def grid_prototypes(features: torch.Tensor, masks: torch.Tensor, window: int, threshold: float) -> torch.Tensor:
+    """Local prototypes (SSL-ALPNet, Ouyang et al. ECCV 2020): average-pool features [K, C, h, w] and masks
+    [K, h, w] (already at feature size) with a ``window`` x ``window`` kernel; every window whose pooled mask
+    exceeds ``threshold`` gives one prototype. All shots pool together -> [P, C] (P may be 0)."""
+    pooled_f = F.avg_pool2d(features, window)
+    pooled_m = F.avg_pool2d(masks.unsqueeze(1).to(features.dtype), window)[:, 0]
+    return pooled_f.permute(0, 2, 3, 1)[pooled_m > threshold]
+
+
+def softmax_weighted_score(
+    features: torch.Tensor, prototypes: torch.Tensor, scale: float = 20.0, eps: float = 1e-4
+) -> torch.Tensor:
+    """S(x) = sum_k softmax_k(d(x)) d_k(x) with d_k = scale * cos(f(x), p_k): features [N, C, h, w],
+    prototypes [P, C] -> [N, 1, h, w]. With one prototype this is plain scaled cosine; with none it is 0
+    (as a convolution with zero filters gives in the reference)."""
+    if prototypes.shape[0] == 0:
+        return features.new_zeros((features.shape[0], 1, *features.shape[-2:]))
+    d = cosine_map(features, prototypes, scale=scale, eps=eps)
+    return (torch.softmax(d, dim=1) * d).sum(dim=1, keepdim=True)
+
+
+def threshold_probability(
+    features: torch.Tensor, prototype: torch.Tensor, threshold: torch.Tensor, scale: float = 20.0
+) -> torch.Tensor:
+    """Foreground probability of the anomaly-threshold methods (ADNet, Q-Net, PAMI):
+    p = 1 - sigmoid(0.5 (S - T)) with S = -scale * cos(f, p), i.e. sigmoid(0.5 (scale * cos + T)).
+
+    features [N, C, h, w]; prototype [C] (shared) or [N, C] (one per image); threshold a scalar, [1] or [N]
+    (per image, Q-Net's query-informed tau) -> [N, 1, h, w].
+    """
+    protos = prototype[None] if prototype.dim() == 1 else prototype[:, None]
+    cos = cosine_map(features, protos)
+    t = threshold.reshape(-1, 1, 1, 1) if torch.is_tensor(threshold) else threshold
+    return torch.sigmoid(0.5 * (scale * cos + t))

@@ -1,0 +1,230 @@
+"""LSLPN: location-sensitive local prototypes (Yu et al., "A Location-Sensitive Local Prototype Network for
+Few-Shot Medical Image Segmentation", ISBI 2021, arXiv 2103.10178; methods.md 5.4).
+
+The image plane is covered by an overlapping grid of square cells: side k = H / n_grid (n_grid = 8), stride
+k / 2, the last window of each row/column moved to end at the border (15 x 15 = 225 cells whenever H is a
+multiple of 16, e.g. 512 as in the paper or 256 as in the shared benchmarks). Support features are upsampled
+to the image size and, in every cell g, a foreground and a background prototype is the masked average of
+the features inside g, kept only when the mask has more than ``min_pixels`` (10) pixels in g. A query pixel x
+is scored per class c by the best cell covering it:
+
+    s_c(x) = max over cells g containing x of  20 * cos(f(x), p_{c,g}),
+
+and ``[s_bg, s_fg]`` are the logits (plain cross-entropy, no alignment loss).
+
+``faithful=True`` reproduces the released handling of cells whose mask is too small: they get a zero
+prototype, i.e. a constant score 0 that takes part in the max, and every score is floored at -1 (the
+released score map starts at -1 before the max). The default (corrected) ignores such cells in the max and
+scores pixels that no valid cell covers against the class's global (whole-mask) prototype, so the scores
+are true cosines. methods.md 8.17.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fsmis_monai.networks.methods.base import (
+    FewShotOutput,
+    FewShotSegmenter,
+    SupportState,
+    check_support,
+    resolve_encoder,
+)
+from fsmis_monai.networks.prototypes import MAP_EPS, cosine_map, masked_average_pooling, resize_to
+
+
+def window_starts(size: int, n_grid: int = 8, overlap: bool = True) -> Tuple[List[int], int]:
+    """Start offsets of the 1-D grid windows and their length k = size // n_grid.
+
+    Windows step by k (or k // 2 with ``overlap``); when the last one stops short of the border one more
+    window ending exactly at the border is added, so every pixel is covered.
+    """
+    k = size // n_grid
+    stride = k // 2 if overlap else k
+    if k < 1 or stride < 1:
+        raise ValueError(f"image side {size} is too small for a {n_grid}-cell grid{' with overlap' if overlap else ''}")
+    starts = list(range(0, size - k + 1, stride))
+    if starts[-1] + k < size:
+        starts.append(size - k)
+    return starts, k
+
+
+def window_matrix(starts: List[int], k: int, size: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """[G, size] indicator of each window (row g is 1 on [starts[g], starts[g] + k))."""
+    idx = torch.arange(size, device=device)
+    s = torch.as_tensor(starts, device=device)[:, None]
+    return ((idx >= s) & (idx < s + k)).to(dtype)
+
+
+def _disjoint_layers(starts: List[int], k: int) -> List[List[int]]:
+    """Split windows into layers of pairwise disjoint windows (greedy interval colouring).
+
+    Within a layer every pixel is covered at most once, so a layer's prototypes can be painted into one
+    full-resolution map; the max over covering cells becomes a max over a handful of layers.
+    """
+    layers: List[List[int]] = []
+    ends: List[int] = []
+    for g in sorted(range(len(starts)), key=lambda i: starts[i]):
+        for j, end in enumerate(ends):
+            if end <= starts[g]:
+                layers[j].append(g)
+                ends[j] = starts[g] + k
+                break
+        else:
+            layers.append([g])
+            ends.append(starts[g] + k)
+    return layers
+
+
+def _layer_index(layer: List[int], starts: List[int], k: int, size: int, device) -> torch.Tensor:
+    """[size] index of the window of ``layer`` covering each position, -1 where none does."""
+    index = torch.full((size,), -1, dtype=torch.long, device=device)
+    for g in layer:
+        index[starts[g] : starts[g] + k] = g
+    return index
+
+
+class LSLPN(FewShotSegmenter):
+    """Location-sensitive local prototype network (see the module docstring).
+
+    Args:
+        encoder: an encoder module or a registered encoder name (default "lslpn_resnet50", stride 8).
+        pretrained_weights: passed to the encoder builder when ``encoder`` is a name.
+        feature_key: which encoder output to use ("down3" = stride 8, the LSLPN layout).
+        n_grid: cells per image side (8: cell = H / 8).
+        overlap: half-cell stride (True, as released) or a plain non-overlapping grid.
+        min_pixels: a cell yields a class prototype only if the class has more pixels than this in the cell.
+        scale: cosine multiplier (20).
+        faithful: released empty-cell handling (zero prototypes, -1 floor) instead of the corrected one.
+    """
+
+    name = "lslpn"
+
+    def __init__(
+        self,
+        encoder: "str | nn.Module" = "lslpn_resnet50",
+        pretrained_weights: Optional[str] = None,
+        feature_key: str = "down3",
+        n_grid: int = 8,
+        overlap: bool = True,
+        min_pixels: int = 10,
+        scale: float = 20.0,
+        faithful: bool = False,
+    ) -> None:
+        super().__init__()
+        self.encoder = resolve_encoder(encoder, pretrained_weights)
+        self.feature_key = feature_key
+        self.n_grid = n_grid
+        self.overlap = overlap
+        self.min_pixels = min_pixels
+        self.scale = scale
+        self.faithful = faithful
+
+    # -- grid prototypes -------------------------------------------------------------------------------
+    def grid(self, size: Tuple[int, int]):
+        """(row starts, cell height, column starts, cell width) of the grid for an image of ``size``."""
+        ys, ky = window_starts(size[0], self.n_grid, self.overlap)
+        xs, kx = window_starts(size[1], self.n_grid, self.overlap)
+        return ys, ky, xs, kx
+
+    def cell_prototypes(self, features: torch.Tensor, masks: torch.Tensor):
+        """Per-cell masked averages of image-size features.
+
+        features [K, C, H, W] (already at mask size), masks [K, H, W] ->
+        prototypes [K, Gy, Gx, C] (zero where the cell is empty) and validity [K, Gy, Gx] (count > min_pixels).
+        """
+        ys, ky, xs, kx = self.grid(tuple(masks.shape[-2:]))
+        wy = window_matrix(ys, ky, masks.shape[-2], masks.device, features.dtype)
+        wx = window_matrix(xs, kx, masks.shape[-1], masks.device, features.dtype)
+        m = masks.to(features.dtype)
+        # window sums as two matrix products (exact for any window layout, one pass over the pixels)
+        sums = torch.einsum("gh,kchw,jw->kgjc", wy, features * m[:, None], wx)
+        counts = torch.einsum("gh,khw,jw->kgj", wy, m, wx)
+        valid = counts > self.min_pixels
+        protos = sums / (counts[..., None] + MAP_EPS)
+        return protos * valid[..., None].to(protos.dtype), valid
+
+    def encode_support(self, support_images: torch.Tensor, support_masks: torch.Tensor) -> SupportState:
+        check_support(support_images, support_masks)
+        return self.support_state(self.encoder(support_images)[self.feature_key], support_masks)
+
+    def support_state(self, features: torch.Tensor, support_masks: torch.Tensor) -> SupportState:
+        """Grid and global prototypes from encoder features [K, C, h, w] and masks [K, H, W]."""
+        size = tuple(support_masks.shape[-2:])
+        feats = resize_to(features, size, align_corners=False)
+        state: SupportState = {"image_size": size}
+        for cls, mask in (("bg", 1.0 - support_masks), ("fg", support_masks)):
+            protos, valid = self.cell_prototypes(feats, mask)
+            if self.faithful:  # released: mean over shots, empty cells contributing zeros
+                state[cls] = protos.mean(0)
+                state[f"{cls}_valid"] = torch.ones_like(valid[0])
+            else:  # corrected: mean over the shots where the cell is valid
+                n_valid = valid.sum(0)
+                state[cls] = protos.sum(0) / n_valid.clamp(min=1)[..., None].to(protos.dtype)
+                state[f"{cls}_valid"] = n_valid > 0
+            state[f"{cls}_global"] = masked_average_pooling(feats, mask).mean(0)
+        return state
+
+    # -- scoring ---------------------------------------------------------------------------------------
+    def class_scores(self, features: torch.Tensor, protos: torch.Tensor, valid: torch.Tensor, global_proto) -> torch.Tensor:
+        """Max over covering cells of scale * cos: features [N, C, H, W], protos [Gy, Gx, C] -> [N, H, W]."""
+        n, c, h, w = features.shape
+        ys, ky, xs, kx = self.grid((h, w))
+        f = F.normalize(features, dim=1)
+        p = F.normalize(protos, dim=-1).reshape(-1, c)
+        p = torch.cat([p, p.new_zeros(1, c)])  # last row: "no cell here"
+        valid_flat = torch.cat([valid.reshape(-1), valid.new_zeros(1)])
+        empty = len(ys) * len(xs)
+        best = None
+        for layer_y in _disjoint_layers(ys, ky):
+            iy = _layer_index(layer_y, ys, ky, h, features.device)
+            for layer_x in _disjoint_layers(xs, kx):
+                ix = _layer_index(layer_x, xs, kx, w, features.device)
+                cell = iy[:, None] * len(xs) + ix[None, :]
+                cell = torch.where((iy[:, None] >= 0) & (ix[None, :] >= 0), cell, torch.full_like(cell, empty))
+                score = self.scale * torch.einsum("nchw,hwc->nhw", f, p[cell])
+                score = score.masked_fill(~valid_flat[cell], float("-inf"))
+                best = score if best is None else torch.maximum(best, score)
+        if self.faithful:
+            return best.clamp(min=-1.0)  # released score map is initialised to -1 before the max
+        fallback = cosine_map(features, global_proto[None], scale=self.scale)[:, 0]
+        return torch.where(torch.isfinite(best), best, fallback)
+
+    def segment(self, query_images: torch.Tensor, state: SupportState) -> torch.Tensor:
+        size = tuple(query_images.shape[-2:])
+        if size != tuple(state["image_size"]):
+            raise ValueError(f"query size {size} differs from the support size {tuple(state['image_size'])}")
+        return self.query_logits(self.encoder(query_images)[self.feature_key], state)
+
+    def query_logits(self, features: torch.Tensor, state: SupportState) -> torch.Tensor:
+        """[N, 2, H, W] logits [s_bg, s_fg] from query encoder features [N, C, h, w]."""
+        feats = resize_to(features, tuple(state["image_size"]), align_corners=False)
+        return torch.stack(
+            [self.class_scores(feats, state[c], state[f"{c}_valid"], state[f"{c}_global"]) for c in ("bg", "fg")], dim=1
+        )
+
+    def forward(
+        self,
+        support_images: torch.Tensor,
+        support_masks: torch.Tensor,
+        query_images: torch.Tensor,
+        query_labels: Optional[torch.Tensor] = None,
+    ) -> FewShotOutput:
+        b, k = support_images.shape[:2]
+        # one encoder pass over all support and query slices, as the released training does
+        feats = self.encoder(torch.cat([support_images.flatten(0, 1), query_images]))[self.feature_key]
+        supp_feats, qry_feats = feats[: b * k].unflatten(0, (b, k)), feats[b * k :]
+        logits = torch.cat(
+            [
+                self.query_logits(qry_feats[i : i + 1], self.support_state(supp_feats[i], support_masks[i]))
+                for i in range(b)
+            ]
+        )
+        out: FewShotOutput = {"logits": logits}
+        if query_labels is not None:
+            out["losses"] = {"query_ce": F.cross_entropy(logits, query_labels.long(), ignore_index=255)}
+        return out
