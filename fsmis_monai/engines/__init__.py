@@ -1,0 +1,24 @@
+"""Few-shot training on MONAI/ignite engines: episode batches into ``SupervisedTrainer``, resumable episode
+order, training handlers, periodic volumetric validation and bundle-facing helpers."""
+
+from fsmis_monai.engines.fewshot import FewShotInferer, FewShotLoss, FewShotPrepareBatch, loss_terms, total_loss
+from fsmis_monai.engines.handlers import LearningRateLogger, LossProgressBar, prediction_overlay, query_overlays
+from fsmis_monai.engines.resume import EpisodeSampler, ResumeEpisodes, checkpoint_iteration, latest_checkpoint
+from fsmis_monai.engines.validation import FewShotValidation
+
+__all__ = [
+    "FewShotInferer",
+    "FewShotLoss",
+    "FewShotPrepareBatch",
+    "loss_terms",
+    "total_loss",
+    "LearningRateLogger",
+    "LossProgressBar",
+    "prediction_overlay",
+    "query_overlays",
+    "EpisodeSampler",
+    "ResumeEpisodes",
+    "checkpoint_iteration",
+    "latest_checkpoint",
+    "FewShotValidation",
+]
