@@ -18,9 +18,11 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from fsmis_monai.networks.prototypes import PROBABILITY_EPS, binary_labels, probability_nll
+
 IGNORE_INDEX = 255
 #: probability clamp of the references: float32 machine epsilon
-PROB_EPS = float(torch.finfo(torch.float32).eps)
+PROB_EPS = PROBABILITY_EPS
 
 
 def _class_weight(weight: Optional[Sequence[float] | torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
@@ -62,15 +64,11 @@ def weighted_nll_from_probs(
     eps: float = PROB_EPS,
 ) -> torch.Tensor:
     """Weighted NLL of probabilities [N, K, H, W], clamped to [eps, 1 - eps] before the log."""
-    return weighted_nll_from_log_probs(clamped_log_probs(probs, eps), target, weight, ignore_index)
+    return probability_nll(probs, target, _class_weight(weight, probs), ignore_index, eps)
 
 
-def support_labels(support_masks: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Labels of support masks [K, H, W]: 1 where the mask is 1, 0 where it is 0, ``ignore_index`` elsewhere."""
-    labels = torch.full_like(support_masks, ignore_index, dtype=torch.long)
-    labels[support_masks == 1] = 1
-    labels[support_masks == 0] = 0
-    return labels
+#: labels of support masks [K, H, W]: 1 where the mask is 1, 0 where it is 0, ``ignore_index`` elsewhere
+support_labels = binary_labels
 
 
 def prototype_alignment_loss(

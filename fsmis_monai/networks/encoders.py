@@ -5,15 +5,22 @@
 - ``"tau"``: a per-image scalar [N] (Q-Net's query-informed threshold head), where the layout has one.
 
 ``encoder.out_channels`` gives the channel count of the feature outputs, so methods never hard-code it.
+:func:`build_encoder` creates one by name and loads pretrained weights from a local checkpoint, reporting
+which tensors matched.
 """
 
 from __future__ import annotations
 
-from typing import Dict
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Tuple
 
 import torch
 from monai.networks.blocks import Convolution, ResidualUnit
 from torch import nn
+
+from fsmis_monai.io import FsmisInputError, state_dict_from_checkpoint, torch_load
 
 EncoderOutput = Dict[str, torch.Tensor]
 
@@ -39,3 +46,251 @@ class SmallEncoder(nn.Module):
         s2 = self.stage2(s1)  # stride 8
         tau = self.tau_head(s2.mean(dim=(2, 3))).squeeze(1)
         return {"down2": self.proj2(s1), "down3": self.proj3(s2), "tau": tau}
+
+
+# ------------------------------------------------------------------------------------- ResNet layouts
+
+
+def _run_resnet(backbone: nn.Module, x: torch.Tensor, last: str) -> Dict[str, torch.Tensor]:
+    """Run a torchvision ResNet's stem and stages up to ``last``; returns every stage's output by name."""
+    x = backbone.maxpool(backbone.relu(backbone.bn1(backbone.conv1(x))))
+    out = {}
+    for name in ("layer1", "layer2", "layer3", "layer4"):
+        x = out[name] = getattr(backbone, name)(x)
+        if name == last:
+            break
+    return out
+
+
+def _kaiming_init(module: nn.Module) -> None:
+    """Conv2d Kaiming-normal (fan_out), BatchNorm weight 1 / bias 0 (the Q-Net encoder's init)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class DeepLabV3ResNet101Encoder(nn.Module):
+    """SSL-ALPNet / ADNet layout (methods.md 4.1): the ResNet-101 of torchvision's DeepLabV3 (layer3 and
+    layer4 dilated, output stride 8) and a bias-free 1x1 conv 2048 -> 256. 256^2 input -> ``down3`` 256 x 32^2.
+
+    The reference also builds an ASPP head it never uses (its parameters reach the optimiser and decay);
+    it is not built here. Parameter names follow torchvision (``backbone.layer1...``), so the COCO DeepLabV3
+    checkpoint loads without renaming.
+    """
+
+    arch = "resnet101"
+    torchvision_default = "coco"
+
+    def __init__(self, out_channels: int = 256) -> None:
+        super().__init__()
+        from torchvision.models import resnet101
+
+        self.out_channels = out_channels
+        self.backbone = resnet101(weights=None, replace_stride_with_dilation=[False, True, True])
+        del self.backbone.avgpool, self.backbone.fc  # not part of the layout
+        self.reduce = nn.Conv2d(2048, out_channels, kernel_size=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> EncoderOutput:
+        return {"down3": self.reduce(_run_resnet(self.backbone, x, "layer4")["layer4"])}
+
+
+class QNetResNet101Encoder(nn.Module):
+    """Q-Net layout (methods.md 4.2; Shen et al., arXiv 2208.11451): torchvision ResNet-101 with
+    ``replace_stride_with_dilation=[True, True, False]`` (layer1-3 at stride 4, layer4 at stride 8).
+
+    - ``down2`` = 1x1 conv (no bias) of layer3 1024 -> 512 (64^2 for a 256^2 input);
+    - ``down3`` = 1x1 conv (no bias) of layer4 2048 -> 512 (32^2);
+    - ``tau`` = Linear(1000 -> 1)(fc(avgpool(layer4))), one threshold per image (the ResNet ``fc`` is kept).
+
+    Init as the reference: every Conv2d Kaiming-normal (fan_out), BatchNorm 1/0, Linear layers PyTorch's
+    default. The COCO DeepLabV3 weights the reference loads were trained with the other dilation pattern
+    (shapes match, receptive fields differ) and carry no ``fc``, which then stays random.
+    """
+
+    arch = "resnet101"
+    torchvision_default = "coco"
+
+    def __init__(self, out_channels: int = 512) -> None:
+        super().__init__()
+        from torchvision.models import resnet101
+
+        self.out_channels = out_channels
+        self.backbone = resnet101(weights=None, replace_stride_with_dilation=[True, True, False])
+        self.reduce2 = nn.Conv2d(1024, out_channels, kernel_size=1, bias=False)
+        self.reduce3 = nn.Conv2d(2048, out_channels, kernel_size=1, bias=False)
+        self.tau_head = nn.Linear(1000, 1)
+        _kaiming_init(self)
+
+    def forward(self, x: torch.Tensor) -> EncoderOutput:
+        stages = _run_resnet(self.backbone, x, "layer4")
+        pooled = torch.flatten(self.backbone.avgpool(stages["layer4"]), 1)
+        tau = self.tau_head(self.backbone.fc(pooled)).squeeze(1)
+        return {"down2": self.reduce2(stages["layer3"]), "down3": self.reduce3(stages["layer4"]), "tau": tau}
+
+
+class LSLPNResNet50Encoder(nn.Module):
+    """LSLPN layout (methods.md 4.3; Yu et al., ISBI 2021): ResNet-50 truncated after layer3, layer3 dilated 2
+    (output stride 8); concat(layer2 512, layer3 1024) -> 3x3 conv (dilation 2, 1536 -> 256, bias) -> ReLU ->
+    Dropout2d(0.5) as ``down3``. BatchNorm affine parameters are frozen (running statistics still update in
+    training), conv weights start N(0, 0.01) before any checkpoint is loaded.
+
+    Built on torchvision's ResNet-50 so ImageNet weights load by name. Every layer3 block uses dilation 2, as
+    the reference does. ``faithful=True`` also reproduces the reference's Caffe-style blocks (stride on the 1x1
+    conv of layer2's first block rather than on its 3x3 conv, the layout torchvision's ImageNet weights were
+    trained with) and its ceil-mode max pool (65^2 instead of 64^2 features for a 512^2 input).
+    """
+
+    arch = "resnet50"
+    torchvision_default = "imagenet"
+
+    def __init__(self, out_channels: int = 256, faithful: bool = False, dropout: float = 0.5) -> None:
+        super().__init__()
+        from torchvision.models import resnet50
+
+        self.out_channels = out_channels
+        self.backbone = resnet50(weights=None, replace_stride_with_dilation=[False, True, False])
+        del self.backbone.layer4, self.backbone.avgpool, self.backbone.fc
+        first = self.backbone.layer3[0].conv2  # torchvision keeps dilation 1 in the first dilated block
+        first.dilation, first.padding = (2, 2), (2, 2)
+        if faithful:
+            block = self.backbone.layer2[0]
+            block.conv1.stride, block.conv2.stride = (2, 2), (1, 1)
+            self.backbone.maxpool.ceil_mode = True
+        self.head = nn.Sequential(
+            nn.Conv2d(512 + 1024, out_channels, kernel_size=3, padding=2, dilation=2, bias=True),
+            nn.ReLU(inplace=True),
+            nn.Dropout2d(dropout),
+        )
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.01)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+                m.weight.requires_grad_(False)
+                m.bias.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> EncoderOutput:
+        stages = _run_resnet(self.backbone, x, "layer3")
+        return {"down3": self.head(torch.cat([stages["layer2"], stages["layer3"]], dim=1))}
+
+
+# ------------------------------------------------------------------------------------- weight loading
+
+ENCODERS: Dict[str, type] = {
+    "deeplabv3_resnet101": DeepLabV3ResNet101Encoder,
+    "qnet_resnet101": QNetResNet101Encoder,
+    "lslpn_resnet50": LSLPNResNet50Encoder,
+    "small": SmallEncoder,
+}
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class WeightLoadReport:
+    """What a checkpoint filled in an encoder: ``matched`` encoder keys, encoder keys left ``missing``,
+    checkpoint keys with no place (``unexpected``) and keys whose shapes differ (``shape_mismatched``)."""
+
+    source: str
+    matched: List[str] = field(default_factory=list)
+    missing: List[str] = field(default_factory=list)
+    unexpected: List[str] = field(default_factory=list)
+    shape_mismatched: List[Tuple[str, Tuple[int, ...], Tuple[int, ...]]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (
+            f"{self.source}: {len(self.matched)} tensors loaded, {len(self.missing)} encoder tensors not in the "
+            f"checkpoint, {len(self.unexpected)} checkpoint tensors unused, {len(self.shape_mismatched)} shape mismatches"
+        )
+
+
+def _candidate_names(key: str) -> List[str]:
+    """Encoder names a checkpoint key may stand for: as is, without wrappers (``module.``, ``encoder.``),
+    and with/without torchvision DeepLab's ``backbone.`` prefix (ImageNet ResNets have none)."""
+    base = key
+    for prefix in ("module.", "encoder."):
+        while base.startswith(prefix):
+            base = base[len(prefix) :]
+    names = [key, base]
+    names.append(base[len("backbone.") :] if base.startswith("backbone.") else "backbone." + base)
+    return list(dict.fromkeys(names))
+
+
+def _torchvision_state_dict(encoder: nn.Module, which: str) -> Mapping[str, torch.Tensor]:
+    """Download (torch hub cache) torchvision's ``imagenet`` or ``coco`` weights for the encoder's ResNet."""
+    from torchvision import models
+    from torchvision.models import segmentation
+
+    arch = getattr(encoder, "arch", None)
+    if which == "":
+        which = getattr(encoder, "torchvision_default", "")
+    table = {
+        ("resnet101", "imagenet"): models.ResNet101_Weights.IMAGENET1K_V1,
+        ("resnet101", "coco"): segmentation.DeepLabV3_ResNet101_Weights.COCO_WITH_VOC_LABELS_V1,
+        ("resnet50", "imagenet"): models.ResNet50_Weights.IMAGENET1K_V1,
+        ("resnet50", "coco"): segmentation.DeepLabV3_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1,
+    }
+    if (arch, which) not in table:
+        raise FsmisInputError(
+            f"torchvision weights {which or '(default)'!r} are not available for a {type(encoder).__name__}; "
+            "use 'torchvision:imagenet' or 'torchvision:coco' with a ResNet layout, or a local checkpoint file"
+        )
+    return table[(arch, which)].get_state_dict(progress=True)
+
+
+def load_pretrained_weights(
+    encoder: nn.Module, weights: "str | os.PathLike[str] | Mapping[str, torch.Tensor]"
+) -> WeightLoadReport:
+    """Copy a checkpoint's tensors into ``encoder`` wherever a name (after key mapping) and shape agree.
+
+    ``weights``: a local file (torchvision ImageNet ResNet-50/101, COCO DeepLabV3, or a wrapped state dict;
+    read with ``weights_only=True``), ``"torchvision"`` / ``"torchvision:imagenet"`` / ``"torchvision:coco"``
+    (torchvision's own download, needs internet), or a state dict. Returns and logs the report. A checkpoint
+    that fills nothing is an error naming the file (the references silently load nothing in that case).
+    """
+    if isinstance(weights, Mapping):
+        source, state = "<state dict>", dict(weights)
+    elif str(weights).startswith("torchvision"):
+        source = str(weights)
+        state = dict(_torchvision_state_dict(encoder, source.partition(":")[2]))
+    else:
+        source = str(weights)
+        state = state_dict_from_checkpoint(torch_load(weights))
+    own = encoder.state_dict()
+    report = WeightLoadReport(source=source)
+    to_load: Dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        target = next((n for n in _candidate_names(key) if n in own and n not in to_load), None)
+        if target is None or not torch.is_tensor(value):
+            report.unexpected.append(key)
+        elif tuple(value.shape) != tuple(own[target].shape):
+            report.shape_mismatched.append((key, tuple(value.shape), tuple(own[target].shape)))
+        else:
+            to_load[target] = value
+    if not to_load:
+        raise FsmisInputError(
+            f"{source}: no tensor of this checkpoint fits the {type(encoder).__name__} "
+            f"(checkpoint keys look like {list(state)[:3]}, the encoder's like {list(own)[:3]}; "
+            f"{len(report.shape_mismatched)} names matched with a different shape)"
+        )
+    encoder.load_state_dict(to_load, strict=False)
+    report.matched = list(to_load)
+    report.missing = [k for k in own if k not in to_load]
+    logger.info(report.summary())
+    return report
+
+
+def build_encoder(name: str, pretrained_weights: "str | os.PathLike[str] | None" = None, **kwargs: Any) -> nn.Module:
+    """Create the encoder registered as ``name`` (see :data:`ENCODERS`) and optionally load weights into it
+    (:func:`load_pretrained_weights`; the report is kept as ``encoder.weight_report``)."""
+    if name not in ENCODERS:
+        raise ValueError(f"unknown encoder {name!r}; known: {sorted(ENCODERS)}")
+    encoder = ENCODERS[name](**kwargs)
+    encoder.weight_report = None
+    if pretrained_weights is not None:
+        encoder.weight_report = load_pretrained_weights(encoder, pretrained_weights)
+    return encoder

@@ -147,17 +147,3 @@ def softmax_weighted_score(
     d = cosine_map(features, prototypes, scale=scale, eps=eps)
     return (torch.softmax(d, dim=1) * d).sum(dim=1, keepdim=True)
 
-
-def threshold_probability(
-    features: torch.Tensor, prototype: torch.Tensor, threshold: torch.Tensor, scale: float = 20.0
-) -> torch.Tensor:
-    """Foreground probability of the anomaly-threshold methods (ADNet, Q-Net, PAMI):
-    p = 1 - sigmoid(0.5 (S - T)) with S = -scale * cos(f, p), i.e. sigmoid(0.5 (scale * cos + T)).
-
-    features [N, C, h, w]; prototype [C] (shared) or [N, C] (one per image); threshold a scalar, [1] or [N]
-    (per image, Q-Net's query-informed tau) -> [N, 1, h, w].
-    """
-    protos = prototype[None] if prototype.dim() == 1 else prototype[:, None]
-    cos = cosine_map(features, protos)
-    t = threshold.reshape(-1, 1, 1, 1) if torch.is_tensor(threshold) else threshold
-    return torch.sigmoid(0.5 * (scale * cos + t))

@@ -82,3 +82,21 @@ def check_support(support_images: torch.Tensor, support_masks: torch.Tensor) -> 
             f"support images {tuple(support_images.shape)} and masks {tuple(support_masks.shape)} disagree in "
             "number of shots or in-plane size"
         )
+
+
+def encode_episodes(
+    encoder: nn.Module, support_images: torch.Tensor, query_images: torch.Tensor
+) -> "tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]":
+    """One encoder pass over a training batch (support [B, K, C, H, W] and query [B, C, H, W] images together,
+    as the references concatenate them, so BatchNorm sees both). Returns (support outputs with leading
+    [B, K], query outputs with leading [B]) for every output key of the encoder."""
+    if support_images.dim() != 5 or query_images.dim() != 4 or support_images.shape[0] != query_images.shape[0]:
+        raise ValueError(
+            f"forward() expects support_images [B, K, C, H, W] and query_images [B, C, H, W], got "
+            f"{tuple(support_images.shape)} and {tuple(query_images.shape)}"
+        )
+    b, k = support_images.shape[:2]
+    out = encoder(torch.cat([support_images.flatten(0, 1), query_images]))
+    support = {key: v[: b * k].reshape(b, k, *v.shape[1:]) for key, v in out.items()}
+    query = {key: v[b * k :] for key, v in out.items()}
+    return support, query
