@@ -1,0 +1,337 @@
+"""GMRD: generated multiple representatives (Cheng et al., "Few-shot Medical Image Segmentation via Generating
+Multiple Representatives", IEEE TMI 2024, 10.1109/TMI.2024.3358295; methods.md 5.5).
+
+On the Q-Net encoder's ``down2`` features (stride 4), with f_s upsampled to the image size:
+
+1. **Descriptors.** For the foreground mask M (and likewise the background 1 - M): a "filled" map replaces
+   every pixel outside M by the feature of a randomly drawn pixel inside M; a descriptor MLP maps its
+   [C, H*W] matrix along the pixel axis to [C, n] (n = 100 fg / 600 bg); the class's global MAP prototype
+   and an edge prototype (MAP over a 2-pixel band at the mask border) are appended: 102 fg and 602 bg
+   descriptors. K shots are averaged descriptor-wise.
+2. **MAMP.** Per class, the cosine affinity maps of the query features to all its descriptors (102 / 602
+   channels at feature resolution) go through a small residual conv decoder to one logit map; the logits
+   [bg, fg] are upsampled to the image (softmax(bg, fg) is the prediction).
+3. **Empty support mask:** the Q-Net single-prototype path with the query-informed threshold tau.
+
+Losses: weighted NLL [0.1, 1] on the query, an alignment loss (query descriptors from the predicted query
+mask segment the support, unweighted NLL), and - the paper's two losses as in commit 45ba5c2 - 0.5 x
+(intra + inter), where intra pulls support and query descriptors together and inter pushes each image's
+fg and bg descriptors apart.
+
+Switches: ``faithful=True`` is the released HEAD (no auxiliary losses, no ReLU in the descriptor MLP);
+the default is the paper/45ba5c2 version with both. ``outer_edge="released"`` uses the released "outer-edge"
+mask dilate(1 - M) - M, which is 1 on all background and -1 inside the object (methods.md 8.14);
+``"band"`` (the default unless faithful) is the 2-pixel band just outside the object, as the paper describes.
+
+The descriptor MLP's input size is the number of image pixels, so the model is built for one
+``image_size`` (256 in the paper) and refuses other sizes with a clear error.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fsmis_monai.networks.methods.base import (
+    FewShotOutput,
+    FewShotSegmenter,
+    SupportState,
+    check_support,
+    resolve_encoder,
+)
+from fsmis_monai.networks.prototypes import (
+    binary_labels,
+    cosine_map,
+    foreground_probability_to_logits,
+    masked_average_pooling,
+    probability_nll,
+    resize_to,
+    threshold_probability,
+)
+
+
+def dilate(mask: torch.Tensor, iterations: int = 2) -> torch.Tensor:
+    """Binary dilation of [..., H, W] masks by a 3x3 square, ``iterations`` times (image border ignored)."""
+    x = mask.reshape(-1, 1, *mask.shape[-2:])
+    size = 2 * iterations + 1  # iterated 3x3 squares = one (2i+1) square
+    return F.max_pool2d(x, size, stride=1, padding=iterations).reshape(mask.shape)
+
+
+def erode(mask: torch.Tensor, iterations: int = 2) -> torch.Tensor:
+    """Binary erosion of [..., H, W] masks by a 3x3 square, ``iterations`` times (image border ignored)."""
+    return -dilate(-mask, iterations)
+
+
+def inner_edge_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Foreground pixels within 2 pixels of the background: M - erode(M)."""
+    return mask - erode(mask)
+
+
+def outer_edge_mask(mask: torch.Tensor, mode: str = "band") -> torch.Tensor:
+    """Background edge mask: "band" = dilate(M) - M; "released" = dilate(1 - M) - M (methods.md 8.14)."""
+    if mode == "band":
+        return dilate(mask) - mask
+    if mode == "released":
+        return dilate(1.0 - mask) - mask
+    raise ValueError(f"outer_edge must be 'band' or 'released', got {mode!r}")
+
+
+def fill_outside_mask(features: torch.Tensor, mask: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """GMRD's "filled" feature map: features [C, P] (P pixels), mask [P] -> [C, P].
+
+    Pixels inside the mask keep their feature; every other pixel takes the feature of a randomly drawn
+    mask pixel, drawn without replacement when the mask has enough pixels, otherwise all mask pixels
+    tiled plus a random remainder. An empty mask gives zeros.
+    """
+    inside = torch.nonzero(mask.reshape(-1) == 1).flatten()
+    outside = torch.nonzero(mask.reshape(-1) != 1).flatten()
+    n_in, n_out = inside.numel(), outside.numel()
+    if n_in == 0:
+        return features.new_zeros(features.shape)
+    if n_out == 0:
+        return features
+    device = features.device
+    if n_in >= n_out:
+        picks = torch.randperm(n_in, generator=generator)[:n_out]
+    else:
+        remainder = torch.randperm(n_in, generator=generator)[: n_out % n_in]
+        picks = torch.cat([remainder, torch.arange(n_in).repeat(n_out // n_in)])
+    source = torch.arange(features.shape[1], device=device)
+    source[outside] = inside[picks.to(device)]
+    return features[:, source]
+
+
+class DescriptorMLP(nn.Sequential):
+    """Linear(P -> n) -> Dropout(0.2) [-> ReLU] -> Linear(n -> n), applied along the pixel axis."""
+
+    def __init__(self, n_pixels: int, n_descriptors: int, relu: bool) -> None:
+        layers = [nn.Linear(n_pixels, n_descriptors), nn.Dropout(0.2)]
+        if relu:
+            layers.append(nn.ReLU())
+        layers.append(nn.Linear(n_descriptors, n_descriptors))
+        super().__init__(*layers)
+
+
+class AffinityDecoder(nn.Module):
+    """MAMP decoder: (n + 2) affinity maps -> one logit map (conv residual block, no biases)."""
+
+    def __init__(self, n_descriptors: int, hidden: int = 100) -> None:
+        super().__init__()
+        n = n_descriptors
+        self.reduce = nn.Sequential(nn.Conv2d(n + 2, n, 1, bias=False), nn.ReLU())
+        self.residual = nn.Sequential(
+            nn.Conv2d(n, n, 3, padding=1, bias=False), nn.ReLU(), nn.Conv2d(n, n, 3, padding=1, bias=False), nn.ReLU()
+        )
+        self.head = nn.Sequential(
+            nn.Conv2d(n, hidden, 3, padding=1, bias=False), nn.ReLU(), nn.Dropout2d(0.1), nn.Conv2d(hidden, 1, 1, bias=False)
+        )
+
+    def forward(self, affinity: torch.Tensor) -> torch.Tensor:
+        x = self.reduce(affinity)
+        return self.head(self.residual(x) + x)
+
+
+def descriptor_consistency_loss(
+    supp_fg: torch.Tensor, qry_fg: torch.Tensor, supp_bg: torch.Tensor, qry_bg: torch.Tensor
+) -> torch.Tensor:
+    """The paper's intra + inter loss on descriptor sets [n + 2, C] (last two rows: global MAP, edge).
+
+    intra = 2 - mean_fg - mean_bg, where mean_c averages each support MLP descriptor's best cosine to the
+    query MLP descriptors together with cos(global, global) and cos(edge, edge); inter = max(0, mean cos
+    of fg vs bg descriptors) for the support plus the same for the query.
+    """
+
+    def agreement(s: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        s, q = F.normalize(s, dim=-1), F.normalize(q, dim=-1)
+        best = (s[:-2] @ q[:-2].t()).max(dim=1).values
+        return torch.cat([best, (s[-2:] * q[-2:]).sum(-1)]).mean()
+
+    def separation(fg: torch.Tensor, bg: torch.Tensor) -> torch.Tensor:
+        return (F.normalize(fg, dim=-1) @ F.normalize(bg, dim=-1).t()).mean().clamp(min=0)
+
+    intra = 2 - agreement(supp_fg, qry_fg) - agreement(supp_bg, qry_bg)
+    inter = separation(supp_fg, supp_bg) + separation(qry_fg, qry_bg)
+    return intra + inter
+
+
+class GMRD(FewShotSegmenter):
+    """Generated multiple representatives + multi-affinity decoding (see the module docstring).
+
+    Args:
+        encoder: module or registered name (default "qnet_resnet101"); must give ``feature_key`` and "tau".
+        pretrained_weights: passed to the encoder builder when ``encoder`` is a name.
+        image_size: input side (int) or (H, W); fixes the descriptor MLP's input size H * W.
+        n_fg, n_bg: MLP descriptors per class (100 / 600).
+        feature_key: encoder output used ("down2", stride 4).
+        faithful: released HEAD (no auxiliary losses, no MLP ReLU, released outer-edge mask).
+        auxiliary_weight: weight of intra + inter (0.5; ignored when faithful).
+        outer_edge: "band" or "released"; None follows ``faithful``.
+        bg_weight: background weight of the query NLL (0.1).
+        eval_seed: seed of the fill sampling in eval mode, so inference is reproducible (training draws
+            from the global torch RNG, which the trainer seeds).
+    """
+
+    name = "gmrd"
+
+    def __init__(
+        self,
+        encoder: "str | nn.Module" = "qnet_resnet101",
+        pretrained_weights: Optional[str] = None,
+        image_size: Union[int, Sequence[int]] = 256,
+        n_fg: int = 100,
+        n_bg: int = 600,
+        feature_key: str = "down2",
+        faithful: bool = False,
+        auxiliary_weight: float = 0.5,
+        outer_edge: Optional[str] = None,
+        bg_weight: float = 0.1,
+        scale: float = 20.0,
+        eval_seed: int = 2025,
+    ) -> None:
+        super().__init__()
+        self.encoder = resolve_encoder(encoder, pretrained_weights)
+        size = (image_size, image_size) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
+        if len(size) != 2:
+            raise ValueError(f"image_size must be an int or (H, W), got {image_size!r}")
+        self.image_size: Tuple[int, int] = size
+        self.feature_key = feature_key
+        self.faithful = faithful
+        self.auxiliary_weight = 0.0 if faithful else auxiliary_weight
+        self.outer_edge = outer_edge or ("released" if faithful else "band")
+        outer_edge_mask(torch.zeros(1, 3, 3), self.outer_edge)  # validate the mode early
+        self.scale = scale
+        self.eval_seed = eval_seed
+        self.register_buffer("class_weights", torch.tensor([bg_weight, 1.0]), persistent=False)
+        n_pixels = size[0] * size[1]
+        self.fg_mlp = DescriptorMLP(n_pixels, n_fg, relu=not faithful)
+        self.bg_mlp = DescriptorMLP(n_pixels, n_bg, relu=not faithful)
+        self.fg_decoder = AffinityDecoder(n_fg)
+        self.bg_decoder = AffinityDecoder(n_bg)
+
+    # -- descriptors -----------------------------------------------------------------------------------
+    def _check_size(self, size: Tuple[int, int]) -> None:
+        if tuple(size) != self.image_size:
+            raise ValueError(
+                f"GMRD was built for {self.image_size[0]}x{self.image_size[1]} images (its descriptor MLP takes "
+                f"{self.image_size[0] * self.image_size[1]} pixels) but got {size[0]}x{size[1]}; resize the "
+                "inputs or build the model with image_size matching them"
+            )
+
+    def _generator(self) -> Optional[torch.Generator]:
+        return None if self.training else torch.Generator().manual_seed(self.eval_seed)
+
+    def descriptors(self, features: torch.Tensor, mask: torch.Tensor, generator=None) -> Dict[str, torch.Tensor]:
+        """fg [n_fg + 2, C] and bg [n_bg + 2, C] descriptors of one image: features [C, h, w], mask [H, W]."""
+        self._check_size(tuple(mask.shape[-2:]))
+        full = resize_to(features[None], tuple(mask.shape[-2:]))[0]  # [C, H, W], align_corners=True
+        c = full.shape[0]
+        out = {}
+        for cls, m, edge, mlp in (
+            ("fg", mask, inner_edge_mask(mask), self.fg_mlp),
+            ("bg", 1.0 - mask, outer_edge_mask(mask, self.outer_edge), self.bg_mlp),
+        ):
+            filled = fill_outside_mask(full.reshape(c, -1), m.reshape(-1), generator)
+            generated = mlp(filled).t()  # [n, C]
+            glob = masked_average_pooling(full[None], m[None])
+            edge_proto = masked_average_pooling(full[None], edge[None])
+            out[cls] = torch.cat([generated, glob, edge_proto])
+        return out
+
+    def support_state(self, features: torch.Tensor, tau: torch.Tensor, masks: torch.Tensor) -> SupportState:
+        """State from support encoder features [K, C, h, w] and masks [K, H, W]."""
+        size = tuple(masks.shape[-2:])
+        if masks.sum() == 0:  # released fallback: one (zero-mask) prototype, query-informed threshold
+            proto = masked_average_pooling(features, masks).mean(0)
+            return {"image_size": size, "fallback": True, "prototype": proto}
+        generator = self._generator()
+        per_shot = [self.descriptors(f, m, generator) for f, m in zip(features, masks)]
+        return {
+            "image_size": size,
+            "fallback": False,
+            "fg": torch.stack([d["fg"] for d in per_shot]).mean(0),
+            "bg": torch.stack([d["bg"] for d in per_shot]).mean(0),
+        }
+
+    def encode_support(self, support_images: torch.Tensor, support_masks: torch.Tensor) -> SupportState:
+        check_support(support_images, support_masks)
+        self._check_size(tuple(support_masks.shape[-2:]))
+        enc = self.encoder(support_images)
+        return self.support_state(enc[self.feature_key], enc["tau"], support_masks)
+
+    # -- prediction ------------------------------------------------------------------------------------
+    def mamp_logits(self, features: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor, size) -> torch.Tensor:
+        """[N, 2, H, W] logits [bg, fg] from features [N, C, h, w] and descriptor sets [n + 2, C]."""
+        fg_logit = self.fg_decoder(cosine_map(features, fg))
+        bg_logit = self.bg_decoder(cosine_map(features, bg))
+        return resize_to(torch.cat([bg_logit, fg_logit], dim=1), tuple(size))
+
+    def query_logits(self, features: torch.Tensor, tau: torch.Tensor, state: SupportState) -> torch.Tensor:
+        size = state["image_size"]
+        if state["fallback"]:
+            p = threshold_probability(features, state["prototype"], tau, self.scale)
+            return foreground_probability_to_logits(resize_to(p[:, None], tuple(size))[:, 0])
+        return self.mamp_logits(features, state["fg"], state["bg"], size)
+
+    def segment(self, query_images: torch.Tensor, state: SupportState) -> torch.Tensor:
+        enc = self.encoder(query_images)
+        return self.query_logits(enc[self.feature_key], enc["tau"], state)
+
+    # -- training --------------------------------------------------------------------------------------
+    def alignment_losses(
+        self, supp_feats: torch.Tensor, supp_masks: torch.Tensor, qry_feats: torch.Tensor, qry_tau, logits, state
+    ) -> Dict[str, torch.Tensor]:
+        """Segment the support with query representatives built from the predicted query mask."""
+        zero = logits.sum() * 0.0
+        pred = logits.argmax(dim=1)[0].to(supp_masks.dtype)  # [H, W]
+        if pred.sum() == 0:
+            return {"align": zero, "aux": zero}
+        labels = binary_labels(supp_masks)
+        if state["fallback"]:
+            proto = masked_average_pooling(qry_feats, pred[None])[0]
+            tau = qry_tau.expand(supp_feats.shape[0])  # released: the query's threshold
+            p = resize_to(threshold_probability(supp_feats, proto, tau, self.scale)[:, None], tuple(pred.shape))[:, 0]
+            probs = torch.stack([1.0 - p, p], dim=1)
+            return {"align": probability_nll(probs, labels), "aux": zero}
+        qry = self.descriptors(qry_feats[0], pred, self._generator())
+        probs = torch.softmax(self.mamp_logits(supp_feats, qry["fg"], qry["bg"], pred.shape), dim=1)
+        out = {"align": probability_nll(probs, labels), "aux": zero}
+        if self.auxiliary_weight:
+            aux = descriptor_consistency_loss(state["fg"], qry["fg"], state["bg"], qry["bg"])
+            out["aux"] = self.auxiliary_weight * aux
+        return out
+
+    def forward(
+        self,
+        support_images: torch.Tensor,
+        support_masks: torch.Tensor,
+        query_images: torch.Tensor,
+        query_labels: Optional[torch.Tensor] = None,
+    ) -> FewShotOutput:
+        b, k = support_images.shape[:2]
+        self._check_size(tuple(support_masks.shape[-2:]))
+        enc = self.encoder(torch.cat([support_images.flatten(0, 1), query_images]))
+        feats, tau = enc[self.feature_key], enc["tau"]
+        supp_feats, qry_feats = feats[: b * k].unflatten(0, (b, k)), feats[b * k :]
+        logits, terms = [], []
+        for i in range(b):
+            state = self.support_state(supp_feats[i], tau[i * k : (i + 1) * k], support_masks[i])
+            episode_logits = self.query_logits(qry_feats[i : i + 1], tau[b * k + i : b * k + i + 1], state)
+            logits.append(episode_logits)
+            if query_labels is not None:
+                terms.append(
+                    self.alignment_losses(
+                        supp_feats[i], support_masks[i], qry_feats[i : i + 1], tau[b * k + i], episode_logits, state
+                    )
+                )
+        out: FewShotOutput = {"logits": torch.cat(logits)}
+        if query_labels is not None:
+            probs = torch.softmax(out["logits"], dim=1)
+            losses = {"query_nll": probability_nll(probs, query_labels, self.class_weights)}
+            losses["align"] = torch.stack([t["align"] for t in terms]).mean()
+            if self.auxiliary_weight:
+                losses["aux"] = torch.stack([t["aux"] for t in terms]).mean()
+            out["losses"] = losses
+        return out
