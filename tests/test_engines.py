@@ -13,7 +13,7 @@ from monai.handlers import CheckpointLoader, CheckpointSaver, LrScheduleHandler
 from torch.utils.data import DataLoader, Dataset
 
 from fsmis_monai.engines import (
-    EpisodeSampler,
+    ResumableEpisodeSampler,
     FewShotInferer,
     FewShotLoss,
     FewShotPrepareBatch,
@@ -67,7 +67,7 @@ def scan(chaos_dir):
 def _trainer(dataset, lr=1e-2, seed=0):
     torch.manual_seed(seed)
     net = PrototypeSegmenter(SmallEncoder(channels=16, width=8))
-    sampler = EpisodeSampler(dataset)
+    sampler = ResumableEpisodeSampler(dataset)
     trainer = SupervisedTrainer(
         device=torch.device("cpu"), max_epochs=1, train_data_loader=DataLoader(dataset, batch_size=1, sampler=sampler),
         network=net, optimizer=torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9), loss_function=FewShotLoss(),
@@ -118,8 +118,9 @@ def test_trainer_learns_on_real_episodes(scan):
 
 
 def test_resume_continues_iteration_lr_and_episodes(scan, tmp_path):
-    """A run stopped at iteration 4 and resumed from its checkpoint ends exactly like an uninterrupted
-    8-iteration run: same weights, same LR schedule position, and episodes 4..7 served after the resume."""
+    """A run of 2 epochs x 4 episodes stopped at iteration 6 (inside epoch 2) and resumed from its checkpoint
+    ends exactly like an uninterrupted run: same weights, same LR schedule position, and only episodes 6, 7
+    served after the resume (the test dataset has no ``set_epoch``: both epochs serve indices 0..3)."""
     torch.set_num_threads(1)
 
     def make(ds, ckpt_dir, resume_from=None):
@@ -127,40 +128,40 @@ def test_resume_continues_iteration_lr_and_episodes(scan, tmp_path):
         net = PrototypeSegmenter(SmallEncoder(channels=16, width=8))
         opt = torch.optim.SGD(net.parameters(), lr=1e-2, momentum=0.9)
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[2, 5], gamma=0.5)
-        sampler = EpisodeSampler(ds)
+        sampler = ResumableEpisodeSampler(ds)
         trainer = SupervisedTrainer(
-            device=torch.device("cpu"), max_epochs=1, train_data_loader=DataLoader(ds, batch_size=1, sampler=sampler),
+            device=torch.device("cpu"), max_epochs=2, train_data_loader=DataLoader(ds, batch_size=1, sampler=sampler),
             network=net, optimizer=opt, loss_function=FewShotLoss(), inferer=FewShotInferer(),
             prepare_batch=FewShotPrepareBatch(), decollate=False)
         state = {"network": net, "optimizer": opt, "lr_scheduler": sched, "trainer": trainer}
         handlers = [CheckpointLoader(resume_from, state, map_location="cpu")] if resume_from else []
         handlers += [ResumeEpisodes(sampler), LrScheduleHandler(sched, epoch_level=False, print_lr=False),
-                     CheckpointSaver(str(ckpt_dir), state, save_interval=4, epoch_level=False, n_saved=None)]
+                     CheckpointSaver(str(ckpt_dir), state, save_interval=3, epoch_level=False, n_saved=None)]
         for h in handlers:
             h.attach(trainer)
         return trainer, net, opt
 
-    full_ds = RealSliceEpisodes(*scan, length=8, seed=3)
+    full_ds = RealSliceEpisodes(*scan, length=4, seed=3)
     full, full_net, full_opt = make(full_ds, tmp_path / "full")
     full.run()
+    assert full_ds.served == [0, 1, 2, 3] * 2
 
-    part_ds = RealSliceEpisodes(*scan, length=8, seed=3)
+    part_ds = RealSliceEpisodes(*scan, length=4, seed=3)
     part, _, _ = make(part_ds, tmp_path / "part")
-    part.add_event_handler(Events.ITERATION_COMPLETED(once=4), lambda e: e.terminate())
+    part.add_event_handler(Events.ITERATION_COMPLETED(once=6), lambda e: e.terminate())
     part.run()
     ckpt = latest_checkpoint(tmp_path / "part")
-    assert ckpt is not None and checkpoint_iteration(ckpt) == 4
-    assert part_ds.served == [0, 1, 2, 3]
+    assert ckpt is not None and checkpoint_iteration(ckpt) == 6
+    assert part_ds.served == [0, 1, 2, 3, 0, 1]
 
-    resumed_ds = RealSliceEpisodes(*scan, length=8, seed=3)
+    resumed_ds = RealSliceEpisodes(*scan, length=4, seed=3)
     resumed, resumed_net, resumed_opt = make(resumed_ds, tmp_path / "part", resume_from=ckpt)
     resumed.run()
     assert resumed.state.iteration == 8
-    assert resumed_ds.served == [4, 5, 6, 7]
+    assert resumed_ds.served == [2, 3]
     assert resumed_opt.param_groups[0]["lr"] == pytest.approx(full_opt.param_groups[0]["lr"]) == pytest.approx(2.5e-3)
     for a, b in zip(full_net.state_dict().values(), resumed_net.state_dict().values()):
         assert torch.allclose(a.float(), b.float(), atol=1e-5)
-    assert latest_checkpoint(tmp_path / "part").endswith("checkpoint_iteration=8.pt")
 
 
 def test_latest_checkpoint_picks_highest_iteration(tmp_path):

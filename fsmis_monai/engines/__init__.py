@@ -3,7 +3,7 @@ order, training handlers, periodic volumetric validation and bundle-facing helpe
 
 from fsmis_monai.engines.fewshot import FewShotInferer, FewShotLoss, FewShotPrepareBatch, loss_terms, total_loss
 from fsmis_monai.engines.handlers import LearningRateLogger, LossProgressBar, prediction_overlay, query_overlays
-from fsmis_monai.engines.resume import EpisodeSampler, ResumeEpisodes, checkpoint_iteration, latest_checkpoint
+from fsmis_monai.engines.resume import ResumableEpisodeSampler, ResumeEpisodes, checkpoint_iteration, latest_checkpoint
 from fsmis_monai.engines.validation import FewShotValidation
 
 __all__ = [
@@ -16,7 +16,7 @@ __all__ = [
     "LossProgressBar",
     "prediction_overlay",
     "query_overlays",
-    "EpisodeSampler",
+    "ResumableEpisodeSampler",
     "ResumeEpisodes",
     "checkpoint_iteration",
     "latest_checkpoint",

@@ -3,16 +3,16 @@
 MONAI's :class:`~monai.handlers.CheckpointSaver`/:class:`~monai.handlers.CheckpointLoader` restore the
 network, optimiser, scheduler and the trainer's iteration. Ignite then continues counting iterations but
 restarts the data loader at the start of the epoch, which would replay the first episodes. Episode ``i``
-of an episode dataset is a fixed function of ``(seed, i)``, so :class:`EpisodeSampler` starts the loader at
-the restored iteration instead (:class:`ResumeEpisodes` sets the offset when the epoch starts, after the
-checkpoint has been loaded).
+of an episode dataset is a fixed function of ``(seed, epoch, i)`` (:mod:`fsmis_monai.data.episodes`), so
+:class:`ResumableEpisodeSampler` skips the episodes already consumed instead (:class:`ResumeEpisodes`
+sets the offset when the run starts, after the checkpoint has been loaded).
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sized
 
 from ignite.engine import Engine, Events
 from torch.utils.data import DistributedSampler
@@ -20,38 +20,55 @@ from torch.utils.data import DistributedSampler
 _CKPT = re.compile(r"^checkpoint_(?:final_)?iteration=(\d+)\.pt$")
 
 
-class EpisodeSampler(DistributedSampler):
-    """Episodes in order (no shuffling: each index already is a random episode), split across ranks, with a
-    resumable start offset.
+class ResumableEpisodeSampler(DistributedSampler):
+    """Episodes in index order, split across ranks, able to start part-way through an epoch.
 
-    Single process: ``EpisodeSampler(dataset)``; ``torchrun``: ``EpisodeSampler(dataset, num_replicas=world,
-    rank=rank)`` gives rank ``r`` the episodes ``r, r + world, ...`` (distinct episodes per rank).
-    ``__len__`` stays the full per-rank count so the trainer's epoch length does not change on resume.
+    No shuffling: each index already is a random episode. Rank ``r`` of ``num_replicas`` gets the episodes
+    ``r, r + num_replicas, ...`` (distinct episodes per rank; single process: the defaults 1 and 0).
+    ``skip`` indices are dropped from the next iterator only. ``__len__`` stays the full per-rank count so
+    the trainer's epoch length does not change on resume.
     """
 
-    def __init__(self, dataset, num_replicas: int = 1, rank: int = 0) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=True)
-        self.start = 0
+    def __init__(self, dataset: Sized, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=True)  # type: ignore[arg-type]
+        self.skip = 0
 
     def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
-        return iter(indices[self.start :])
+        indices = list(super().__iter__())[self.skip :]
+        self.skip = 0
+        return iter(indices)
 
 
 class ResumeEpisodes:
-    """Handler: at each epoch start, skip the episodes the restored iteration count has already consumed."""
+    """Handler keeping the episode sequence aligned with the trainer's iteration count.
 
-    def __init__(self, sampler: EpisodeSampler, batch_size: int = 1) -> None:
+    At the first ``EPOCH_STARTED`` of a run (after ``CheckpointLoader`` restored the iteration on
+    ``STARTED``, before ignite creates the first data iterator) the sampler skips the episodes already
+    consumed in the current epoch. Datasets with ``set_epoch`` (:mod:`fsmis_monai.data.episodes`) are told
+    the epoch at every ``EPOCH_STARTED``; bundles train one long epoch, so DataLoader workers never hold a
+    stale epoch.
+    """
+
+    def __init__(self, sampler: ResumableEpisodeSampler, batch_size: int = 1) -> None:
         self.sampler = sampler
         self.batch_size = int(batch_size)
+        self._first = True
 
     def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._arm)
         engine.add_event_handler(Events.EPOCH_STARTED, self)
 
+    def _arm(self, engine: Engine) -> None:
+        self._first = True
+
     def __call__(self, engine: Engine) -> None:
-        epoch_length = engine.state.epoch_length or 0
-        done = engine.state.iteration % epoch_length if epoch_length else 0
-        self.sampler.start = done * self.batch_size
+        dataset = getattr(self.sampler, "dataset", None)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(engine.state.epoch - 1)
+        if self._first:
+            self._first = False
+            epoch_length = engine.state.epoch_length or len(self.sampler)
+            self.sampler.skip = (engine.state.iteration % epoch_length) * self.batch_size
 
 
 def checkpoint_iteration(path: str | Path) -> int | None:
