@@ -1,0 +1,248 @@
+"""3D supervoxels: the Cython Felzenszwalb against a plain-Python union-find, the ADNet generator's
+post-processing on a real CHAOS scan, determinism across runs and worker counts, and bad input."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from fsmis_monai.io import FsmisInputError
+from fsmis_monai.pseudolabels import felzenszwalb_3d, make_supervoxels
+
+# ----------------------------------------------------------------------------- brute-force reference
+
+
+def _directions() -> list[tuple[int, int, int]]:
+    """Half of the 26-neighbourhood: offsets lexicographically after (0, 0, 0), in lexicographic order."""
+    return sorted(o for o in itertools.product((-1, 0, 1), repeat=3) if o > (0, 0, 0))
+
+
+def _weight(offset: tuple[int, int, int], s: float) -> float:
+    """methods.md 1.5: in-plane 1, pure z s^2, z + one in-plane axis (1+s^2)/2, z + both (2+s^2)/3."""
+    moved_in_plane = (offset[1] != 0) + (offset[2] != 0)
+    if offset[0] == 0:
+        return 1.0
+    return (moved_in_plane + s * s) / (moved_in_plane + 1)
+
+
+def brute_force_felzenszwalb(vol: np.ndarray, spacing: tuple[float, float, float], k: float, min_size: int) -> np.ndarray:
+    """Plain-Python Felzenszwalb on a (z, y, x) volume: edges sorted by (float32 cost, voxel*13+direction)."""
+    nz, ny, nx = vol.shape
+    s = spacing[0] / spacing[1]
+    edges = []
+    for z, y, x in itertools.product(range(nz), range(ny), range(nx)):
+        p = (z * ny + y) * nx + x
+        for d, off in enumerate(_directions()):
+            zz, yy, xx = z + off[0], y + off[1], x + off[2]
+            if not (0 <= zz < nz and 0 <= yy < ny and 0 <= xx < nx):
+                continue
+            cost = float(np.float32(math.sqrt(_weight(off, s)) * abs(vol[z, y, x] - vol[zz, yy, xx])))
+            edges.append((cost, p * 13 + d, p, (zz * ny + yy) * nx + xx))
+    edges.sort()
+    n = vol.size
+    parent = list(range(n))
+    size = [1] * n
+    internal = [0.0] * n
+
+    def root(a: int) -> int:
+        while parent[a] != a:
+            a = parent[a]
+        return a
+
+    for cost, _, a, b in edges:
+        ra, rb = root(a), root(b)
+        if ra != rb and cost < min(internal[ra] + k / size[ra], internal[rb] + k / size[rb]):
+            parent[rb] = ra
+            size[ra] += size[rb]
+            internal[ra] = cost
+    for _, _, a, b in edges:
+        ra, rb = root(a), root(b)
+        if ra != rb and (size[ra] < min_size or size[rb] < min_size):
+            parent[rb] = ra
+            size[ra] += size[rb]
+    first_seen: dict[int, int] = {}
+    out = [first_seen.setdefault(root(p), len(first_seen)) for p in range(n)]
+    return np.array(out, dtype=np.int32).reshape(vol.shape)
+
+
+def _blocky_volume(seed: int, shape=(8, 32, 32)) -> np.ndarray:
+    """Piecewise-constant regions plus small integer noise: many exactly tied edge costs."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 6, size=(2, 4, 4)) * 40
+    vol = np.kron(coarse, np.ones((shape[0] // 2, shape[1] // 4, shape[2] // 4)))
+    return vol + rng.integers(0, 3, size=shape)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("spacing,scale,min_size", [((3.0, 1.5, 1.5), 255.0, 40), ((7.7, 1.25, 1.25), 600.0, 150)])
+def test_matches_brute_force_union_find(seed, spacing, scale, min_size):
+    vol = _blocky_volume(seed)
+    got = felzenszwalb_3d(vol, spacing=spacing, scale=scale, sigma=0, min_size=min_size)
+    want = brute_force_felzenszwalb(vol, spacing, scale / 255.0, min_size)
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, want)
+    assert 1 < want.max() + 1 < vol.size  # the case really merges and really keeps several regions
+
+
+def test_matches_brute_force_with_smoothing_on_real_crop(chaos_dir):
+    image = np.asarray(nib.load(str(chaos_dir / "image_1.nii.gz")).dataobj)
+    crop = np.ascontiguousarray(image[112:144, 112:144, 14:22].transpose(2, 1, 0))  # (z, y, x) 8x32x32
+    spacing = (7.7, 1.25, 1.25)
+    got = felzenszwalb_3d(crop, spacing=spacing, scale=300.0, sigma=1.0, min_size=60)
+    smoothed = ndimage.gaussian_filter(crop.astype(np.float64), sigma=1.0 / np.asarray(spacing))
+    want = brute_force_felzenszwalb(smoothed, spacing, 300.0 / 255.0, 60)
+    np.testing.assert_array_equal(got, want)
+    assert want.max() >= 2
+
+
+# ------------------------------------------------------------------------------ generator on real scans
+
+
+def _independent_body_mask(rescaled_xyz: np.ndarray, threshold: float) -> np.ndarray:
+    """Per axial slice: > threshold, largest 8-connected component (first in raster order on ties), holes filled."""
+    mask = np.zeros(rescaled_xyz.shape, dtype=bool)
+    for z in range(rescaled_xyz.shape[2]):
+        above = rescaled_xyz[:, :, z].T > threshold
+        if not above.any():
+            continue
+        comp, n = ndimage.label(above, structure=np.ones((3, 3)))
+        sizes = ndimage.sum_labels(above, comp, index=np.arange(1, n + 1))
+        mask[:, :, z] = ndimage.binary_fill_holes(comp == 1 + int(np.argmax(sizes))).T
+    return mask
+
+
+@pytest.fixture(scope="module")
+def chaos_crop(chaos_dir):
+    """CHAOS scan 2, the central 128 x 128 in-plane window over all slices (keeps body edges and air)."""
+    img = nib.load(str(chaos_dir / "image_2.nii.gz"))
+    data = np.asarray(img.dataobj)[64:192, 40:168, :]
+    return data, tuple(float(z) for z in img.header.get_zooms()[:3])
+
+
+def test_generator_properties_on_real_scan(chaos_crop):
+    image, spacing = chaos_crop
+    min_size = 2000
+    seg = make_supervoxels(image, spacing, min_size=min_size)
+    rescaled = 255.0 * (image - image.min()) / np.ptp(image)
+    body = _independent_body_mask(rescaled, 10.0)
+    assert seg.dtype == np.int32 and seg.shape == image.shape
+    np.testing.assert_array_equal(seg > 0, body)
+    assert 0.2 < body.mean() < 0.99  # the crop really has both body and air
+
+    raw = felzenszwalb_3d(rescaled.transpose(2, 1, 0), spacing=(spacing[2], spacing[0], spacing[1]), min_size=min_size)
+    raw = raw.transpose(2, 1, 0)
+    sizes = np.bincount(raw.ravel())
+    assert sizes.min() >= min_size  # every supervoxel is large enough before the body mask clips it
+    n = raw.max() + 1
+    # reference numbering: component of voxel (x=0, y=0, z=0) moves to n, the others keep their id
+    expected = np.where(raw == 0, n, raw)
+    np.testing.assert_array_equal(seg[body], expected[body])
+    # components are 26-connected regions
+    for lab in range(n):
+        _, pieces = ndimage.label(raw == lab, structure=np.ones((3, 3, 3)))
+        assert pieces == 1
+    # contiguous renumbering keeps the partition and leaves no gap
+    renum = make_supervoxels(image, spacing, min_size=min_size, renumber=True)
+    ids = np.unique(renum)
+    np.testing.assert_array_equal(ids, np.arange(ids.size))
+    assert len(np.unique(np.stack([renum.ravel(), seg.ravel()]), axis=1).T) == ids.size
+
+
+def test_deterministic_across_runs(chaos_crop):
+    image, spacing = chaos_crop
+    a = make_supervoxels(image, spacing, min_size=1000)
+    b = make_supervoxels(image.copy(), spacing, min_size=1000)
+    assert a.tobytes() == b.tobytes()
+
+
+def test_command_byte_identical_across_worker_counts(tmp_path, cmr_dir):
+    from fsmis_monai.cli import main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for sid in (1, 2):  # two small CMR scans, cropped to keep the test fast
+        img = nib.load(str(cmr_dir / f"image_{sid}.nii.gz"))
+        data = np.asarray(img.dataobj)[64:192, 64:192, :]
+        nib.save(nib.Nifti1Image(data, img.affine, img.header), str(src / f"image_{sid}.nii.gz"))
+    for workers in (1, 2):
+        assert main(["supervoxels", "--src", str(src), "--dst", str(tmp_path / f"w{workers}"),
+                     "--dataset", "cmr", "--workers", str(workers)]) == 0
+    for sid in (1, 2):
+        one = (tmp_path / "w1" / f"superpix-MIDDLE_{sid}.nii.gz").read_bytes()
+        assert one == (tmp_path / "w2" / f"superpix-MIDDLE_{sid}.nii.gz").read_bytes()
+        out = nib.load(str(tmp_path / "w1" / f"superpix-MIDDLE_{sid}.nii.gz"))
+        np.testing.assert_allclose(out.affine, nib.load(str(src / f"image_{sid}.nii.gz")).affine)  # geometry kept
+    summary = json.loads((tmp_path / "w1" / "supervoxels_summary.json").read_text())
+    assert [s["id"] for s in summary["scans"]] == [1, 2]
+    assert all(s["status"] == "ok" and s["supervoxels"] > 0 for s in summary["scans"])
+
+
+# ----------------------------------------------------------------------------------------- bad input
+
+
+def test_defined_results_for_degenerate_volumes():
+    assert felzenszwalb_3d(np.zeros((0, 4, 4))).shape == (0, 4, 4)
+    const = np.full((4, 6, 6), 7.0)
+    np.testing.assert_array_equal(felzenszwalb_3d(const, min_size=1), np.zeros(const.shape, np.int32))
+    # constant image: no body after rescaling (the reference divides by zero here)
+    np.testing.assert_array_equal(make_supervoxels(const, (1.0, 1.0, 2.0), min_size=5), np.zeros(const.shape))
+    assert make_supervoxels(np.zeros((4, 4, 0)), (1, 1, 1)).shape == (4, 4, 0)
+    # integer input behaves as its float value
+    ints = _blocky_volume(3).astype(np.int16)
+    np.testing.assert_array_equal(felzenszwalb_3d(ints, min_size=10), felzenszwalb_3d(ints.astype(float), min_size=10))
+
+
+@pytest.mark.parametrize(
+    "volume,match",
+    [
+        (np.zeros((8, 8)), "expected a 3D array"),
+        (np.array([[[1.0, np.nan]]]), "NaN or infinite"),
+        (np.zeros((2, 2, 2), dtype=complex), "real-valued"),
+        (np.array([[["a"]]]), "real-valued"),
+    ],
+)
+def test_bad_input_is_a_clear_error(volume, match):
+    with pytest.raises(FsmisInputError, match=match):
+        felzenszwalb_3d(volume)
+    with pytest.raises(FsmisInputError, match=match):
+        make_supervoxels(volume, (1.0, 1.0, 1.0))
+
+
+def test_bad_parameters_are_clear_errors():
+    vol = np.zeros((2, 3, 3))
+    with pytest.raises(FsmisInputError, match="spacing"):
+        felzenszwalb_3d(vol, spacing=(1.0, 0.0, 1.0))
+    with pytest.raises(FsmisInputError, match="scale"):
+        felzenszwalb_3d(vol, scale=0)
+    with pytest.raises(FsmisInputError, match="min_size"):
+        felzenszwalb_3d(vol, min_size=-1)
+
+
+def test_command_reports_a_bad_scan_and_finishes_the_others(tmp_path, cmr_dir):
+    from fsmis_monai.cli import main
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    img = nib.load(str(cmr_dir / "image_3.nii.gz"))
+    data = np.asarray(img.dataobj)[96:160, 96:160, :]
+    nib.save(nib.Nifti1Image(data, img.affine), str(src / "image_3.nii.gz"))
+    (src / "image_4.nii.gz").write_bytes(b"not a nifti")
+    bad = data.copy()
+    bad[0, 0, 0] = np.nan
+    nib.save(nib.Nifti1Image(bad, img.affine), str(src / "image_5.nii.gz"))
+    assert main(["supervoxels", "--src", str(src), "--dst", str(dst), "--min-size", "200", "--workers", "1"]) == 1
+    assert sorted(p.name for p in dst.iterdir()) == ["superpix-MIDDLE_3.nii.gz", "supervoxels_summary.json"]
+    status = {s["id"]: s for s in json.loads((dst / "supervoxels_summary.json").read_text())["scans"]}
+    assert status[3]["status"] == "ok"
+    assert status[4]["status"] == "failed" and "image_4.nii.gz" in status[4]["error"]
+    assert status[5]["status"] == "failed" and "NaN" in status[5]["error"]
+    # existing outputs are kept unless --overwrite
+    before = (dst / "superpix-MIDDLE_3.nii.gz").stat().st_mtime_ns
+    main(["supervoxels", "--src", str(src), "--dst", str(dst), "--min-size", "200"])
+    assert (dst / "superpix-MIDDLE_3.nii.gz").stat().st_mtime_ns == before
