@@ -65,6 +65,10 @@ class FewShotSegmenter(nn.Module):
 def resolve_encoder(encoder: "str | nn.Module", pretrained_weights: Optional[str] = None) -> nn.Module:
     """An encoder module as given, or the registered encoder of that name (imported only when needed)."""
     if isinstance(encoder, nn.Module):
+        if pretrained_weights is not None:
+            from fsmis_monai.networks.encoders import load_pretrained_weights
+
+            encoder.weight_report = load_pretrained_weights(encoder, pretrained_weights)
         return encoder
     from fsmis_monai.networks.encoders import build_encoder
 
