@@ -138,7 +138,7 @@ def predict_pass(
         images, masks = _support_tensors(support_image, support_mask, group)
         state = inferer.encode(model, images, masks)
         logits = inferer(model, query_image[..., zs], state, on_batch=on_batch)  # [2, X, Y, n]
-        labels = logits.argmax(0).numpy().astype(bool)
+        labels = (logits[1] > logits[0]).numpy()  # argmax over (bg, fg); a tie goes to background like argmax
         out[group] = {z: labels[..., i] for i, z in enumerate(zs)}
     return out
 
