@@ -52,6 +52,7 @@ from fsmis_monai.networks.methods.base import (
     FewShotSegmenter,
     SupportState,
     check_support,
+    encode_episodes,
     resolve_encoder,
 )
 from fsmis_monai.networks.prototypes import MAP_EPS, binary_labels, masked_average_pooling, probability_nll, resize_to
@@ -365,13 +366,11 @@ class DIFD(FewShotSegmenter):
         query_images: torch.Tensor,
         query_labels: Optional[torch.Tensor] = None,
     ) -> FewShotOutput:
-        b, k = support_images.shape[:2]
-        enc = self.encoder(torch.cat([support_images.flatten(0, 1), query_images]))
-        feats, tau = enc[self.feature_key], enc["tau"]
+        supp, qry_all = encode_episodes(self.encoder, support_images, query_images)
         logits, terms = [], []
-        for i in range(b):
-            state = self.support_state(feats[i * k : (i + 1) * k], tau[i * k : (i + 1) * k], support_masks[i])
-            qry, qry_tau = feats[b * k + i : b * k + i + 1], tau[b * k + i : b * k + i + 1]
+        for i in range(len(query_images)):
+            state = self.support_state(supp[self.feature_key][i], supp["tau"][i], support_masks[i])
+            qry, qry_tau = qry_all[self.feature_key][i : i + 1], qry_all["tau"][i : i + 1]
             episode_logits = self.query_logits(qry, qry_tau, state)
             logits.append(episode_logits)
             if query_labels is not None:

@@ -40,6 +40,7 @@ from fsmis_monai.networks.methods.base import (
     FewShotSegmenter,
     SupportState,
     check_support,
+    encode_episodes,
     resolve_encoder,
 )
 from fsmis_monai.networks.prototypes import (
@@ -244,7 +245,7 @@ class GMRD(FewShotSegmenter):
         """State from support encoder features [K, C, h, w] and masks [K, H, W]."""
         size = tuple(masks.shape[-2:])
         if masks.sum() == 0:  # released fallback: one (zero-mask) prototype, query-informed threshold
-            proto = masked_average_pooling(features, masks).mean(0)
+            proto = masked_average_pooling(features, masks, align_corners=True).mean(0)
             return {"image_size": size, "fallback": True, "prototype": proto}
         generator = self._generator()
         per_shot = [self.descriptors(f, m, generator) for f, m in zip(features, masks)]
@@ -290,7 +291,7 @@ class GMRD(FewShotSegmenter):
             return {"align": zero, "aux": zero}
         labels = binary_labels(supp_masks)
         if state["fallback"]:
-            proto = masked_average_pooling(qry_feats, pred[None])[0]
+            proto = masked_average_pooling(qry_feats, pred[None], align_corners=True)[0]
             tau = qry_tau.expand(supp_feats.shape[0])  # released: the query's threshold
             p = resize_to(threshold_probability(supp_feats, proto, tau, self.scale)[:, None], tuple(pred.shape))[:, 0]
             probs = torch.stack([1.0 - p, p], dim=1)
@@ -310,20 +311,18 @@ class GMRD(FewShotSegmenter):
         query_images: torch.Tensor,
         query_labels: Optional[torch.Tensor] = None,
     ) -> FewShotOutput:
-        b, k = support_images.shape[:2]
         self._check_size(tuple(support_masks.shape[-2:]))
-        enc = self.encoder(torch.cat([support_images.flatten(0, 1), query_images]))
-        feats, tau = enc[self.feature_key], enc["tau"]
-        supp_feats, qry_feats = feats[: b * k].unflatten(0, (b, k)), feats[b * k :]
+        supp, qry = encode_episodes(self.encoder, support_images, query_images)
+        supp_feats, qry_feats = supp[self.feature_key], qry[self.feature_key]
         logits, terms = [], []
-        for i in range(b):
-            state = self.support_state(supp_feats[i], tau[i * k : (i + 1) * k], support_masks[i])
-            episode_logits = self.query_logits(qry_feats[i : i + 1], tau[b * k + i : b * k + i + 1], state)
+        for i in range(len(qry_feats)):
+            state = self.support_state(supp_feats[i], supp["tau"][i], support_masks[i])
+            episode_logits = self.query_logits(qry_feats[i : i + 1], qry["tau"][i : i + 1], state)
             logits.append(episode_logits)
             if query_labels is not None:
                 terms.append(
                     self.alignment_losses(
-                        supp_feats[i], support_masks[i], qry_feats[i : i + 1], tau[b * k + i], episode_logits, state
+                        supp_feats[i], support_masks[i], qry_feats[i : i + 1], qry["tau"][i], episode_logits, state
                     )
                 )
         out: FewShotOutput = {"logits": torch.cat(logits)}

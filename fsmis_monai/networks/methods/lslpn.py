@@ -32,6 +32,7 @@ from fsmis_monai.networks.methods.base import (
     FewShotSegmenter,
     SupportState,
     check_support,
+    encode_episodes,
     resolve_encoder,
 )
 from fsmis_monai.networks.prototypes import MAP_EPS, cosine_map, masked_average_pooling, resize_to
@@ -214,14 +215,12 @@ class LSLPN(FewShotSegmenter):
         query_images: torch.Tensor,
         query_labels: Optional[torch.Tensor] = None,
     ) -> FewShotOutput:
-        b, k = support_images.shape[:2]
-        # one encoder pass over all support and query slices, as the released training does
-        feats = self.encoder(torch.cat([support_images.flatten(0, 1), query_images]))[self.feature_key]
-        supp_feats, qry_feats = feats[: b * k].unflatten(0, (b, k)), feats[b * k :]
+        supp, qry = encode_episodes(self.encoder, support_images, query_images)
+        supp_feats, qry_feats = supp[self.feature_key], qry[self.feature_key]
         logits = torch.cat(
             [
                 self.query_logits(qry_feats[i : i + 1], self.support_state(supp_feats[i], support_masks[i]))
-                for i in range(b)
+                for i in range(len(qry_feats))
             ]
         )
         out: FewShotOutput = {"logits": logits}

@@ -47,6 +47,7 @@ from fsmis_monai.networks.methods.base import (
     FewShotSegmenter,
     SupportState,
     check_support,
+    encode_episodes,
     resolve_encoder,
 )
 from fsmis_monai.networks.prototypes import (
@@ -284,8 +285,7 @@ class PAMI(FewShotSegmenter):
         state: SupportState = {"image_size": tuple(masks.shape[-2:]), "global": {}, "regions": {}}
         for key in self.paths:
             f = feats[key]
-            full = resize_to(f, tuple(masks.shape[-2:]), align_corners=False)  # released MAP: align_corners=False
-            state["global"][key] = masked_average_pooling(full, masks).mean(0)
+            state["global"][key] = masked_average_pooling(f, masks).mean(0)  # released MAP: align_corners=False
             state["regions"][key] = [self.region_prototypes(f_k, m_k, sampler) for f_k, m_k in zip(f, masks)]
         return state
 
@@ -337,7 +337,7 @@ class PAMI(FewShotSegmenter):
             return {**losses, "align": zero, "proto_mse": zero}
         supp_probs, q_protos = {}, {}
         for k in self.paths:
-            q_protos[k] = masked_average_pooling(resize_to(qry[k], size, align_corners=False), pred[None])[0]
+            q_protos[k] = masked_average_pooling(qry[k], pred[None])[0]
             s = threshold_probability(supp[k], q_protos[k], supp_tau, self.scale)
             supp_probs[k] = resize_to(s[:, None], size)[:, 0]
         p = self._fuse(supp_probs)
@@ -352,21 +352,19 @@ class PAMI(FewShotSegmenter):
         query_images: torch.Tensor,
         query_labels: Optional[torch.Tensor] = None,
     ) -> FewShotOutput:
-        b, k = support_images.shape[:2]
-        enc = self.encoder(torch.cat([support_images.flatten(0, 1), query_images]))
-        tau = enc["tau"]
+        supp_all, qry_all = encode_episodes(self.encoder, support_images, query_images)
         probs, terms = [], []
-        for i in range(b):
-            supp = {key: enc[key][i * k : (i + 1) * k] for key in self.paths}
-            qry = {key: enc[key][b * k + i : b * k + i + 1] for key in self.paths}
-            qry_tau = tau[b * k + i : b * k + i + 1]
+        for i in range(len(query_images)):
+            supp = {key: supp_all[key][i] for key in self.paths}
+            qry = {key: qry_all[key][i : i + 1] for key in self.paths}
+            qry_tau = qry_all["tau"][i : i + 1]
             state = self.support_state(supp, support_masks[i])
             p = self.predict(qry, qry_tau, state)
             probs.append(p)
             if query_labels is not None:
                 terms.append(
                     self.episode_losses(
-                        supp, tau[i * k : (i + 1) * k], support_masks[i], qry, qry_tau, state, p, query_labels[i : i + 1]
+                        supp, supp_all["tau"][i], support_masks[i], qry, qry_tau, state, p, query_labels[i : i + 1]
                     )
                 )
         probability = torch.cat(probs)
