@@ -55,6 +55,7 @@ from fsmis_monai.data.seeding import episode_rng
 from fsmis_monai.data.volumes import Volume
 
 __all__ = [
+    "EpisodeDataset",
     "SupervoxelEpisodeDataset",
     "SuperpixelEpisodeDataset",
     "GroundTruthEpisodeDataset",
@@ -112,23 +113,39 @@ class _Draw:
     label_id: int
 
 
-class _EpisodeDataset(Dataset):
-    """Shared machinery: seeding per item, mask extraction, augmentation, emptiness check, batch assembly."""
+class EpisodeDataset(Dataset):
+    """Shared machinery: seeding per item, mask extraction, augmentation, emptiness check, batch assembly.
+
+    Args (every dataset):
+        volumes: training :class:`Volume` s (with ``pseudolabel`` or ``label`` as the dataset draws from,
+            and ``label`` for setting 2), all of one in-plane size.
+        length: episodes per epoch (``max_iters_per_load`` in the references).
+        n_shots, n_queries: slices in the support / query set (the references: 1 and 1).
+        exclude_classes: setting-2 classes (see the module docstring); ``()`` for setting 1.
+        augmentation: True for the dataset's reference scheme (:class:`EpisodeAugmentation` with
+            :attr:`augmentation_policy`), False/None for none, or an :class:`EpisodeAugmentation`.
+        seed: episodes are a function of ``(seed, epoch, index)``.
+        faithful: as released: setting-2 AND exclusion (methods.md 8.7), labels warped bilinear + rounded
+            (8.18), plus the dataset's own documented quirk.
+        max_tries: draws per episode before giving up with an error.
+    """
 
     #: which array of a :class:`Volume` holds the ids drawn: ``"pseudolabel"`` or ``"label"``
     source = "pseudolabel"
+    #: :class:`EpisodeAugmentation` policy of ``augmentation=True``
+    augmentation_policy = "one_side"
 
     def __init__(
         self,
         volumes: Sequence[Volume],
-        length: int,
-        n_shots: int,
-        n_queries: int,
-        exclude_classes: Sequence[int],
-        augmentation: EpisodeAugmentation | None,
-        seed: int,
-        faithful: bool,
-        max_tries: int,
+        length: int = 1000,
+        n_shots: int = 1,
+        n_queries: int = 1,
+        exclude_classes: Sequence[int] = (),
+        augmentation: bool | EpisodeAugmentation | None = True,
+        seed: int = 0,
+        faithful: bool = False,
+        max_tries: int = 1000,
     ) -> None:
         if not volumes:
             raise ValueError("no training volumes")
@@ -145,9 +162,12 @@ class _EpisodeDataset(Dataset):
         self.exclude_classes = tuple(int(c) for c in exclude_classes)
         if self.exclude_classes and any(v.label is None for v in volumes):
             raise ValueError("setting-2 exclusion needs the ground-truth labels of every training volume")
+        if augmentation is True:
+            augmentation = EpisodeAugmentation(self.augmentation_policy, faithful=faithful)
+        self.augmentation = augmentation or None
         self.volumes = list(volumes)
         self.length, self.n_shots, self.n_queries = int(length), int(n_shots), int(n_queries)
-        self.augmentation, self.seed, self.faithful, self.max_tries = augmentation, int(seed), faithful, int(max_tries)
+        self.seed, self.faithful, self.max_tries = int(seed), faithful, int(max_tries)
         self.epoch = 0
         #: per volume, boolean [Z]: slices training may use (setting-2 exclusion applied)
         self.allowed = [
@@ -224,7 +244,7 @@ class _EpisodeDataset(Dataset):
         }
 
 
-class SupervoxelEpisodeDataset(_EpisodeDataset):
+class SupervoxelEpisodeDataset(EpisodeDataset):
     """ADNet / Q-Net self-supervised episodes from 3D supervoxels (methods.md 2.2).
 
     Each episode: a training volume uniformly, one of its supervoxel ids uniformly, the slices where the
@@ -232,37 +252,16 @@ class SupervoxelEpisodeDataset(_EpisodeDataset):
     a random start in it, and ``n_shots + n_queries`` consecutive slices: the first ``n_shots`` are the
     support, the rest the queries, the order reversed with p = 0.5 (so the query lies above or below).
     The episode is kept when the largest mask of the window has at least ``min_size`` pixels (the Q-Net
-    rule), otherwise a new draw is made. Masks are the supervoxel id on each slice. Augmentation defaults
-    to the Q-Net scheme (gamma on one side, geometric on one side).
-
-    Args:
-        volumes: training volumes with ``pseudolabel`` (and ``label`` for setting 2).
-        length: episodes per epoch (``max_iters_per_load`` in the references).
-        n_shots, n_queries: slices in the support / query set (the references: 1 and 1).
-        min_size: pixel threshold of the acceptance rule (200).
-        exclude_classes: setting-2 classes (see the module docstring); ``()`` for setting 1.
-        augmentation: an :class:`EpisodeAugmentation` (default ``one_side``), or None for none.
-        seed: episodes are a function of ``(seed, index)``.
-        faithful: as released: setting-2 AND exclusion (methods.md 8.7) and labels warped bilinear + rounded (8.18).
+    rule, 200 at 256^2), otherwise a new draw is made. Masks are the supervoxel id on each slice.
+    Augmentation: the Q-Net scheme (gamma on one side, geometric on one side). Other arguments: see
+    :class:`EpisodeDataset`.
     """
 
     source = "pseudolabel"
+    augmentation_policy = "one_side"
 
-    def __init__(
-        self,
-        volumes: Sequence[Volume],
-        length: int = 1000,
-        n_shots: int = 1,
-        n_queries: int = 1,
-        min_size: int = 200,
-        exclude_classes: Sequence[int] = (),
-        augmentation: EpisodeAugmentation | None | str = "default",
-        seed: int = 0,
-        faithful: bool = False,
-        max_tries: int = 1000,
-    ) -> None:
-        aug = EpisodeAugmentation("one_side", faithful=faithful) if augmentation == "default" else augmentation
-        super().__init__(volumes, length, n_shots, n_queries, exclude_classes, aug, seed, faithful, max_tries)
+    def __init__(self, volumes: Sequence[Volume], min_size: int = 200, **kwargs) -> None:
+        super().__init__(volumes, **kwargs)
         self.min_size = int(min_size)
         self._volumes_with_ids = [i for i, ids in enumerate(self.ids) if ids.size]
         if not self._volumes_with_ids:
@@ -286,12 +285,12 @@ class SupervoxelEpisodeDataset(_EpisodeDataset):
                      int(self.ids[v][j]))
 
 
-class SuperpixelEpisodeDataset(_EpisodeDataset):
+class SuperpixelEpisodeDataset(EpisodeDataset):
     """SSL-ALPNet self-supervised episodes from 2D superpixels (methods.md 2.1).
 
     Each episode: a training slice uniformly (among slices holding a superpixel and not excluded), one of
     its superpixels, and ``n_shots + n_queries`` independently augmented copies of that slice and mask
-    (the first ``n_shots`` are the support). Augmentation defaults to the ALP scheme (every copy).
+    (the first ``n_shots`` are the support). Augmentation: the ALP scheme (every copy independently).
 
     Superpixel id: corrected (default) draws uniformly among the ids present in the slice. ``faithful``
     draws ``randint(1, max id of the slice)`` as released (methods.md 8.6): the top id is never drawn and
@@ -300,21 +299,10 @@ class SuperpixelEpisodeDataset(_EpisodeDataset):
     """
 
     source = "pseudolabel"
+    augmentation_policy = "both"
 
-    def __init__(
-        self,
-        volumes: Sequence[Volume],
-        length: int = 1000,
-        n_shots: int = 1,
-        n_queries: int = 1,
-        exclude_classes: Sequence[int] = (),
-        augmentation: EpisodeAugmentation | None | str = "default",
-        seed: int = 0,
-        faithful: bool = False,
-        max_tries: int = 1000,
-    ) -> None:
-        aug = EpisodeAugmentation("both", faithful=faithful) if augmentation == "default" else augmentation
-        super().__init__(volumes, length, n_shots, n_queries, exclude_classes, aug, seed, faithful, max_tries)
+    def __init__(self, volumes: Sequence[Volume], **kwargs) -> None:
+        super().__init__(volumes, **kwargs)
         self.slices = [(v, int(z)) for v in range(len(self.volumes))
                        for z in np.flatnonzero((self.counts[v] > 0).any(axis=1) & self.allowed[v])]
         if not self.slices:
@@ -337,33 +325,20 @@ class SuperpixelEpisodeDataset(_EpisodeDataset):
         return _Draw([(v, z)] * self.n_shots, [(v, z)] * self.n_queries, label_id)
 
 
-class GroundTruthEpisodeDataset(_EpisodeDataset):
+class GroundTruthEpisodeDataset(EpisodeDataset):
     """Supervised episodes on ground-truth classes (LSLPN / PANet style pairs, methods.md 2.3).
 
     Each episode: one of ``classes`` uniformly, then ``n_shots + n_queries`` distinct slices drawn from all
     training slices holding at least ``min_size`` pixels of it, in any scans (support and query usually come
     from different patients). Masks are ``label == class``. ``classes`` must leave out the test classes;
-    ``exclude_classes`` additionally drops their slices (setting 2). Augmentation defaults to ``one_side``.
+    ``exclude_classes`` additionally drops their slices (setting 2). Augmentation: ``one_side``.
     """
 
     source = "label"
+    augmentation_policy = "one_side"
 
-    def __init__(
-        self,
-        volumes: Sequence[Volume],
-        classes: Sequence[int],
-        length: int = 1000,
-        n_shots: int = 1,
-        n_queries: int = 1,
-        min_size: int = 1,
-        exclude_classes: Sequence[int] = (),
-        augmentation: EpisodeAugmentation | None | str = "default",
-        seed: int = 0,
-        faithful: bool = False,
-        max_tries: int = 1000,
-    ) -> None:
-        aug = EpisodeAugmentation("one_side", faithful=faithful) if augmentation == "default" else augmentation
-        super().__init__(volumes, length, n_shots, n_queries, exclude_classes, aug, seed, faithful, max_tries)
+    def __init__(self, volumes: Sequence[Volume], classes: Sequence[int], min_size: int = 1, **kwargs) -> None:
+        super().__init__(volumes, **kwargs)
         clash = set(int(c) for c in classes) & set(self.exclude_classes)
         if clash:
             raise ValueError(f"classes {sorted(clash)} are both trained on and excluded")
