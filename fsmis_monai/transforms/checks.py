@@ -126,6 +126,27 @@ class CheckSameShaped(MapTransform):
         return d
 
 
+def label_values(label: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``(integer values present, non-integer values present)`` of a label map.
+
+    ``torch.unique``/``np.unique`` sort the whole volume (about 1 s for a 512 x 512 x 40 CT); label
+    values are small non-negative integers in practice, so a histogram (``np.bincount``) finds them
+    in a fraction of that, with ``np.unique`` as the fallback for anything else.
+    """
+    arr = np.asarray(label.detach().cpu().numpy() if isinstance(label, torch.Tensor) else label)
+    if not np.issubdtype(arr.dtype, np.integer):
+        rounded = np.rint(arr)
+        off = np.abs(arr - rounded) > 1e-6
+        if off.any():
+            return np.unique(rounded[~off]).astype(np.int64), np.unique(arr[off])
+        arr = rounded
+    ints = arr.astype(np.int64, copy=False).ravel()
+    lo, hi = (int(ints.min()), int(ints.max())) if ints.size else (0, 0)
+    if lo >= 0 and hi < 1 << 20:
+        return np.nonzero(np.bincount(ints, minlength=1))[0], np.empty(0)
+    return np.unique(ints), np.empty(0)
+
+
 class CheckLabelValues(Transform):
     """Fail unless every voxel of a label map is an integer listed in ``allowed`` (``None``: any integer).
 
@@ -138,15 +159,14 @@ class CheckLabelValues(Transform):
         self.allowed = None if allowed is None else sorted(int(v) for v in allowed)
 
     def __call__(self, label: Any) -> Any:
-        values = torch.unique(torch.as_tensor(label)).double().cpu().numpy()
+        values, fractional = label_values(label)
         name = source_of(label)
-        fractional = values[np.abs(values - np.round(values)) > 1e-6]
         if fractional.size:
             raise FsmisInputError(
                 f"{name}: label holds non-integer values ({', '.join(f'{v:g}' for v in fractional[:5])}...): "
                 "not a label map (float or interpolated labels are refused)")
         if self.allowed is not None:
-            bad = sorted(set(int(round(v)) for v in values) - set(self.allowed))
+            bad = sorted(set(int(v) for v in values) - set(self.allowed))
             if bad:
                 raise FsmisInputError(f"{name}: label values {bad} are not in the recipe's label map {self.allowed}")
         return label

@@ -28,7 +28,7 @@ from monai.data.utils import affine_to_spacing
 from monai.transforms import MapTransform, ResizeWithPadOrCrop, SpatialCrop, SpatialResample, Transform
 
 from fsmis_monai.io import FsmisInputError
-from fsmis_monai.transforms.checks import source_of
+from fsmis_monai.transforms.checks import label_values, source_of
 
 _EPS = 1e-6  # header float noise (0.62500003 mm) must not change a voxel count
 SizeRule = Literal["extent", "reference"]
@@ -98,7 +98,7 @@ class ResampleToSpacing(Transform):
 
         if self.mode != "per_class_linear":
             return resample(img, self.mode)
-        classes = [int(c) for c in torch.unique(img).tolist() if c != 0]
+        classes = [int(c) for c in label_values(img)[0] if c != 0]
         if not classes:
             return resample(img, "nearest")
         out, merged = None, None
