@@ -163,4 +163,4 @@ def test_empty_support_mask_uses_threshold_fallback(episode):
 
 
 def test_fits_real_episode(episode):
-    check_fits_episode(_model(n_fg=20, n_bg=60), episode)  # fewer descriptors: the 600-channel decoder is slow on CPU
+    check_fits_episode(_model(), episode)
