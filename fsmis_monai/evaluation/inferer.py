@@ -71,11 +71,18 @@ class FewShotSliceInferer:
         p = next(method.parameters(), None)
         return p.device if p is not None else torch.device("cpu")
 
+    @staticmethod
+    def _dtype(method: nn.Module) -> torch.dtype:
+        """Inputs follow the method's floating-point precision (float32 unless it was converted)."""
+        p = next((p for p in method.parameters() if p.is_floating_point()), None)
+        return p.dtype if p is not None else torch.float32
+
     def encode(self, method: FewShotSegmenter, support_images: torch.Tensor, support_masks: torch.Tensor) -> SupportState:
         """Encode a k-shot support set ([K, C, H, W] images, [K, H, W] masks) once."""
         dev = self._device(method)
         with inference_context(method):
-            return method.encode_support(support_images.to(dev, torch.float32), support_masks.to(dev, torch.float32))
+            dtype = self._dtype(method)
+            return method.encode_support(support_images.to(dev, dtype), support_masks.to(dev, dtype))
 
     def __call__(
         self,
@@ -101,7 +108,7 @@ class FewShotSliceInferer:
         )
         network = SupportBoundSegmenter(method, state, on_batch)
         with inference_context(method):
-            out = inferer(queries[None].to(torch.float32), network)
+            out = inferer(queries[None].to(self._dtype(method)), network)
         return out[0]
 
     def segment_stack(self, method: FewShotSegmenter, queries: torch.Tensor, support_images: torch.Tensor,
