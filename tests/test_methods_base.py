@@ -256,6 +256,10 @@ def test_qnet_refinement_only_at_test_time():
         a = refined.segment(query, refined.encode_support(support[0], masks[0]))
         b = plain.segment(query, plain.encode_support(support[0], masks[0]))
     assert float((torch.softmax(a, 1) - torch.softmax(b, 1)).abs().max()) > 1e-3
+    assert refined.test_time_grad and not plain.test_time_grad
+    with torch.inference_mode():  # refinement still runs (on clones made outside inference mode)
+        c = refined.segment(query, refined.encode_support(support[0], masks[0]))
+    torch.testing.assert_close(c, a)
 
 
 def _refinement_objective(features, proto, mask):

@@ -64,6 +64,11 @@ class QNet(FewShotSegmenter):
     name = "qnet"
     requires_single_query = False
 
+    @property
+    def test_time_grad(self) -> bool:
+        """The evaluator runs ``segment`` under ``no_grad`` (not ``inference_mode``) when this is True."""
+        return self.refine_steps > 0
+
     def __init__(
         self,
         encoder: "str | nn.Module" = "qnet_resnet101",
@@ -113,10 +118,11 @@ class QNet(FewShotSegmenter):
         the BCE between the min-max-normalised, sigmoid-squashed original and new features is minimised with
         respect to the prototype (argument order: see ``faithful``).
         """
-        features, tau = features.detach(), tau.detach()
-        proto = prototype.detach().expand(features.shape[0], -1).clone().requires_grad_(True)
-        optimiser = torch.optim.Adam([proto], lr=self.refine_lr)
-        with torch.enable_grad():
+        # clones made outside inference mode are ordinary tensors autograd accepts, whatever the caller's context
+        with torch.inference_mode(False), torch.enable_grad():
+            features, tau = features.detach().clone(), tau.detach().clone()
+            proto = prototype.detach().expand(features.shape[0], -1).clone().requires_grad_(True)
+            optimiser = torch.optim.Adam([proto], lr=self.refine_lr)
             original = _minmax_sigmoid(features)
             for _ in range(self.refine_steps):
                 p = self._probability(features, proto.detach(), tau)
