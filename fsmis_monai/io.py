@@ -25,6 +25,16 @@ class FsmisInputError(ValueError):
     """A user-supplied file or setting is unusable; the message names the file and the problem."""
 
 
+def _file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` would give (``mkstemp`` creates files readable by the owner only)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _file_mode()
+
+
 def _suffix(path: Path) -> str:
     name = path.name.lower()
     for s in _MULTI_SUFFIXES:
@@ -47,6 +57,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, target)
     finally:
         if tmp.exists():

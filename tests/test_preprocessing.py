@@ -12,6 +12,7 @@ The raw volumes are resampled here with ``scipy.ndimage.map_coordinates`` (indep
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -401,6 +402,10 @@ def test_skip_finished_and_overwrite(tmp_path, cmr_raw):
     first = run_preprocessing("cmr_bssfp", tmp_path / "raw", tmp_path / "out", progress=False)
     assert [s["status"] for s in first.scans.values()] == ["written"]
     stamp = (tmp_path / "out" / "image_2.nii.gz").stat().st_mtime_ns
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("image_2.nii.gz", "label_2.nii.gz", "classmap.json"):  # atomic writes keep normal permissions
+        assert (tmp_path / "out" / name).stat().st_mode & 0o777 == 0o666 & ~umask
     again = run_preprocessing("cmr_bssfp", tmp_path / "raw", tmp_path / "out", progress=False)
     assert [s["status"] for s in again.scans.values()] == ["skipped"]
     assert again.scans[2]["voxels_per_class"] == first.scans[2]["voxels_per_class"]
