@@ -226,6 +226,26 @@ def test_chaos_dicom_png_recovers_original(tmp_path, chaos_scan):
     assert_recovered(tmp_path / "faithful", 1, image, label, affine, classes=(1, 2, 3, 4))
 
 
+def test_chaos_pngs_flip_rows_for_dcm2niix_images(tmp_path, chaos_scan):
+    """The reference's setting: a dcm2niix NIfTI (rows reversed, LAS) + PNGs, flipped along the rows."""
+    image, label, affine = chaos_scan
+    raw = tmp_path / "raw"
+    (raw / "niis").mkdir(parents=True)
+    nib.save(nib.Nifti1Image(image.astype(np.float32), affine), str(raw / "niis" / "image_1.nii.gz"))
+    write_png_masks(label[:, ::-1], raw / "MR" / "1" / "T2SPIR" / "Ground", decreasing=False)  # DICOM row order
+    recipe = load_recipe("chaos_mr_t2")
+    recipe["raw"].update(image="niis/image_{id}.nii.gz", image_reader="NibabelReader")
+    recipe["steps"] = [s for s in recipe["steps"] if "orientation" not in s]
+    recipe["raw"]["chaos_png"]["flip_rows"] = True
+    assert run_preprocessing(recipe, raw, tmp_path / "flipped", progress=False).ok
+    assert_recovered(tmp_path / "flipped", 1, image, label, affine, classes=(1, 2, 3, 4))
+    # without the flip the masks land upside down: the organs no longer overlap
+    recipe["raw"]["chaos_png"]["flip_rows"] = False
+    assert run_preprocessing(recipe, raw, tmp_path / "unflipped", progress=False).ok
+    wrong = np.asarray(nib.load(str(tmp_path / "unflipped" / "label_1.nii.gz")).dataobj)
+    assert dice(wrong == 4, label == 4) < 0.5
+
+
 def test_size_rules():
     from fsmis_monai.transforms import output_size
 
