@@ -113,8 +113,8 @@ def test_trainer_learns_on_real_episodes(scan):
     terms = loss_terms(trainer.state.output)
     assert set(terms) == {"loss", "query_ce"} and terms["loss"] == pytest.approx(terms["query_ce"], rel=1e-5)
     assert held_loss() < before - 0.05
-    overlay, _ = query_overlays(trainer.state.batch)
-    assert overlay.shape == (1, 3, SIZE, SIZE) and prediction_overlay(trainer.state.output).shape == (1, 3, SIZE, SIZE)
+    overlay, mask = query_overlays(trainer.state.batch)
+    assert overlay.shape == (1, 3, SIZE, SIZE) and mask.shape == (1, 1, SIZE, SIZE) and prediction_overlay(trainer.state.output).shape == (1, 3, SIZE, SIZE)
 
 
 def test_resume_continues_iteration_lr_and_episodes(scan, tmp_path):

@@ -58,9 +58,10 @@ def _overlay(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     )
 
 
-def query_overlays(batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, None]:
-    """``TensorBoardImageHandler.batch_transform``: the query image with its ground truth."""
-    return _overlay(torch.as_tensor(batch[QUERY_IMAGES]), torch.as_tensor(batch[QUERY_LABELS])), None
+def query_overlays(batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``TensorBoardImageHandler.batch_transform``: the query image with its ground truth, and the mask."""
+    labels = torch.as_tensor(batch[QUERY_LABELS])
+    return _overlay(torch.as_tensor(batch[QUERY_IMAGES]), labels), (labels == 1).float()[:, None]
 
 
 def prediction_overlay(output: Mapping[str, Any]) -> torch.Tensor:

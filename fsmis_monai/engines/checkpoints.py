@@ -1,0 +1,88 @@
+"""Resumable training checkpoints for a bundle's handler list.
+
+MONAI's ``CheckpointSaver``/``CheckpointLoader`` need the trainer in their dict to restore its iteration,
+but a bundle config cannot reference the trainer from inside the trainer's own handler list (a circular
+reference). :class:`TrainingCheckpoints` receives the trainer when it is attached and builds both handlers
+then: resume from the newest ``checkpoint_iteration=N.pt`` of ``ckpt_dir`` (``map_location`` so GPU
+checkpoints load on CPU), save every ``save_interval`` iterations (ignite saves on rank 0 only), and on
+successful completion write the bare network weights to ``final_path`` (the bundle's ``models/model.pt``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from ignite.engine import Engine, Events
+from monai.handlers import CheckpointLoader, CheckpointSaver
+from torch import nn
+
+from fsmis_monai.engines.resume import latest_checkpoint
+from fsmis_monai.io import torch_save
+
+logger = logging.getLogger(__name__)
+
+
+def unwrap(network: nn.Module) -> nn.Module:
+    """The module inside ``DataParallel``/``DistributedDataParallel`` wrappers."""
+    return network.module if hasattr(network, "module") and isinstance(network.module, nn.Module) else network
+
+
+class TrainingCheckpoints:
+    """Resume + periodic save + final model export, attached as one handler.
+
+    Args:
+        ckpt_dir: folder of the full checkpoints (network, optimiser, scheduler, trainer state).
+        objects: what to save/restore besides the trainer, e.g. ``{"network": ..., "optimizer": ...,
+            "lr_scheduler": ...}``.
+        save_interval: iterations between checkpoints (0: only the final one).
+        n_saved: how many periodic checkpoints to keep (None: all).
+        resume: start from the newest checkpoint in ``ckpt_dir`` when there is one.
+        map_location: passed to ``CheckpointLoader``.
+        final_path: where the trained network's state dict goes when training completes (None: nowhere).
+        network_key: the entry of ``objects`` written to ``final_path``.
+    """
+
+    def __init__(
+        self,
+        ckpt_dir: str | Path,
+        objects: Mapping[str, Any],
+        save_interval: int = 1000,
+        n_saved: Optional[int] = 2,
+        resume: bool = True,
+        map_location: Any = "cpu",
+        final_path: Optional[str | Path] = None,
+        network_key: str = "network",
+    ) -> None:
+        if "trainer" in objects:
+            raise ValueError("objects must not hold 'trainer': the trainer is added when the handler is attached")
+        self.ckpt_dir = Path(ckpt_dir)
+        self.objects = dict(objects)
+        self.save_interval = int(save_interval)
+        self.n_saved = n_saved
+        self.resume = resume
+        self.map_location = map_location
+        self.final_path = final_path
+        self.network_key = network_key
+        self.resumed_from: Optional[str] = None
+
+    def attach(self, engine: Engine) -> None:
+        state = {**self.objects, "trainer": engine}
+        if self.resume:
+            self.resumed_from = latest_checkpoint(self.ckpt_dir)
+            if self.resumed_from is not None:
+                logger.info(f"resuming from {self.resumed_from}")
+                CheckpointLoader(self.resumed_from, state, map_location=self.map_location).attach(engine)
+        CheckpointSaver(str(self.ckpt_dir), state, save_interval=self.save_interval, epoch_level=False,
+                        n_saved=self.n_saved, save_final=True).attach(engine)
+        if self.final_path is not None:
+            engine.add_event_handler(Events.COMPLETED, self._export)
+
+    def _export(self, engine: Engine) -> None:
+        import ignite.distributed as idist
+
+        if idist.get_rank() == 0:
+            network = unwrap(self.objects[self.network_key])
+            torch_save(network.state_dict(), self.final_path)
+            logger.info(f"trained network written to {self.final_path}")

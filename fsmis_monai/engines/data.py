@@ -1,0 +1,73 @@
+"""Training-data preconditions a bundle checks before it builds its episode dataset.
+
+Self-supervised training needs one pseudolabel file ``superpix-<tag>_<id>.nii.gz`` per scan in
+``pseudolabel_dir`` (3D supervoxels for ADNet and the Q-Net family, 2D superpixels for SSL-ALPNet).
+:func:`ensure_pseudolabels` returns the folder once every scan has its file. Missing files are generated
+with :mod:`fsmis_monai.pseudolabels` and cached on disk (written atomically, so an interrupted run never
+leaves a truncated file), or, with ``generate=False``, reported with the command that makes them.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal, Optional
+
+from fsmis_monai.data.datalist import pair_scans, scan_id_of
+from fsmis_monai.data.registry import get_dataset
+from fsmis_monai.io import FsmisInputError
+
+logger = logging.getLogger(__name__)
+
+PseudolabelKind = Literal["supervoxels", "superpixels"]
+
+
+def _existing(pseudolabel_dir: Path) -> set[int]:
+    if not pseudolabel_dir.is_dir():
+        return set()
+    parsed = [scan_id_of(p) for p in pseudolabel_dir.iterdir()]
+    return {sid for kind, sid in filter(None, parsed) if kind.startswith("superpix")}
+
+
+_CLI_DATASET = {"chaos_mr_t2": "chaos", "cmr_bssfp": "cmr", "synapse_ct": "synapse"}
+
+
+def pseudolabel_command(dataset_dir: str | Path, pseudolabel_dir: str | Path, kind: PseudolabelKind = "supervoxels",
+                        dataset: str = "chaos", min_size: Optional[int] = None, workers: int = 1) -> list[str]:
+    """The ``fsmis`` arguments that create the pseudolabels (what :func:`ensure_pseudolabels` runs)."""
+    if kind not in ("supervoxels", "superpixels"):
+        raise ValueError(f"unknown pseudolabel kind {kind!r}; use 'supervoxels' or 'superpixels'")
+    args = [kind, "--src", str(dataset_dir), "--dst", str(pseudolabel_dir),
+            "--dataset", _CLI_DATASET[get_dataset(dataset).key], "--workers", str(int(workers))]
+    return args + (["--min-size", str(int(min_size))] if min_size is not None else [])
+
+
+def ensure_pseudolabels(
+    dataset_dir: str | Path,
+    pseudolabel_dir: str | Path,
+    kind: PseudolabelKind = "supervoxels",
+    dataset: str = "chaos",
+    generate: bool = True,
+    min_size: Optional[int] = None,
+    workers: int = 1,
+) -> str:
+    """Make sure every ``image_<id>`` of ``dataset_dir`` has its pseudolabel in ``pseudolabel_dir``.
+
+    Missing ones are made by ``fsmis supervoxels`` / ``fsmis superpixels`` (``min_size`` None: the
+    dataset's reference value); with ``generate=False`` the error names that command. Returns
+    ``pseudolabel_dir`` as a string (for bundle configs).
+    """
+    from fsmis_monai.cli import main as fsmis
+
+    out = Path(pseudolabel_dir)
+    missing = [s.scan_id for s in pair_scans(dataset_dir, require_labels=False) if s.scan_id not in _existing(out)]
+    if not missing:
+        return str(out)
+    args = pseudolabel_command(dataset_dir, out, kind, dataset, min_size, workers)
+    if not generate:
+        raise FsmisInputError(f"{out}: no {kind} for scans {missing}. Create them with\n  fsmis {' '.join(args)}\n"
+                              "or set generate_pseudolabels to true in the bundle config to have training make them.")
+    logger.warning(f"{out}: generating {kind} for {len(missing)} scan(s) (cached for later runs): fsmis {' '.join(args)}")
+    if fsmis(args) != 0:
+        raise FsmisInputError(f"{out}: {kind} generation failed (see {out}/{kind}_summary.json); command: fsmis {' '.join(args)}")
+    return str(out)
