@@ -418,6 +418,15 @@ def test_generic_recipe_and_classmap_counts_class_pixels(tmp_path, cmr_scan):
     assert slice_index(out, [1], min_pixels=1)[1][0] == 0
 
 
+def test_generic_recipe_names_a_bad_label(tmp_path, cmr_scan):
+    image, label, affine = cmr_scan
+    (tmp_path / "raw" / "images").mkdir(parents=True)
+    (tmp_path / "raw" / "labels").mkdir()
+    nib.save(nib.Nifti1Image(image[..., :2].astype(np.float32), affine), str(tmp_path / "raw" / "images" / "3.nii.gz"))
+    (tmp_path / "raw" / "labels" / "3.nii.gz").write_bytes(b"")
+    _fails_cleanly(tmp_path, "generic", tmp_path / "raw", tmp_path / "raw" / "labels" / "3.nii.gz", "0 bytes")
+
+
 def test_skip_finished_and_overwrite(tmp_path, cmr_raw):
     first = run_preprocessing("cmr_bssfp", tmp_path / "raw", tmp_path / "out", progress=False)
     assert [s["status"] for s in first.scans.values()] == ["written"]

@@ -135,7 +135,7 @@ class LoadChaosPngLabeld(MapTransform):
                 raise FsmisInputError(
                     f"{folder}: PNG stack of shape {arr.shape} (column, row, slice) does not match the image "
                     f"{source_of(ref)} of shape {tuple(ref.shape[1:])}")
-            meta = {k: v for k, v in ref.meta.items() if k != "filename_or_obj"}
+            meta = {k: v for k, v in ref.meta.items() if k not in ("filename_or_obj", "affine")}
             meta["filename_or_obj"] = str(folder)
             d[key] = MetaTensor(arr[None], affine=ref.affine.clone(), meta=meta)
         return d
