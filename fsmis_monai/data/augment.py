@@ -19,9 +19,11 @@ Each has a dictionary twin that draws its parameters once and applies them to ev
 
 from __future__ import annotations
 
+import contextlib
 from typing import Hashable, Mapping, Sequence
 
 import numpy as np
+import torch
 from monai.config import KeysCollection
 from monai.transforms import Affine, MapTransform, RandomizableTransform
 from scipy.ndimage import gaussian_filter, map_coordinates
@@ -220,6 +222,22 @@ class RandSimardElasticd(_Geometricd):
 # --------------------------------------------------------------------------------- episode policy
 
 
+@contextlib.contextmanager
+def _single_torch_thread():
+    """Run MONAI's resampling of single 2D slices on one thread: on a busy machine the intra-op thread
+    pool of the training process costs ~10x more than it saves on such small tensors (measured in
+    bench/data_loading.py). DataLoader workers already run with one thread."""
+    previous = torch.get_num_threads()
+    if previous == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 class EpisodeAugmentation:
     """Augment an episode's slices the way the references do.
 
@@ -262,6 +280,10 @@ class EpisodeAugmentation:
         return _as_numpy(out["image"]), _as_numpy(out["mask"])
 
     def __call__(self, supports: list, queries: list, rng: np.random.Generator) -> tuple[list, list]:
+        with _single_torch_thread():
+            return self._augment(supports, queries, rng)
+
+    def _augment(self, supports: list, queries: list, rng: np.random.Generator) -> tuple[list, list]:
         if self.policy == "both":
             geo_sides = gamma_sides = ("support", "query")
         else:
