@@ -23,7 +23,7 @@ from fsmis_monai.data.episodes import (
     time_episodes,
 )
 from fsmis_monai.data.seeding import seed_worker
-from fsmis_monai.data.volumes import intensity_stats, load_volume, load_volumes
+from fsmis_monai.data.volumes import intensity_stats, load_volume, load_volumes, training_volumes
 from fsmis_monai.io import FsmisInputError, save_nifti
 from fsmis_monai.pseudolabels import make_superpixels, make_supervoxels
 
@@ -114,6 +114,13 @@ def test_global_stats_and_cache(scan_dirs, raw):
     vols = load_volumes(files, "chaos", normalization="global")
     np.testing.assert_allclose(vols[1].image[5], (raw[2]["image"][:, :, 5] - allv.mean()) / allv.std(), atol=1e-5)
     assert load_volumes(files, "chaos", normalization="global")[0] is vols[0]  # read once per process
+
+
+def test_training_volumes_pairs_by_id(scan_dirs, sv_volumes):
+    root, sv_dir, _ = scan_dirs
+    vols = training_volumes(root, "chaos", fold=None, pseudolabel_dir=sv_dir)
+    assert [v.scan_id for v in vols] == list(SCANS)
+    assert all(a is b for a, b in zip(vols, sv_volumes))  # same options, same files: served from the cache
 
 
 def test_cmr_labels_remapped_to_canonical_ids(cmr_dir):
@@ -229,6 +236,8 @@ def test_ground_truth_episodes_across_patients(sv_volumes, raw):
         np.testing.assert_array_equal(ep["query_labels"].numpy(), raw[q_scan]["label"][:, :, q_z] == ep["label_id"])
         assert sup.sum() >= MIN_SIZE
     assert pairs_across > 0
+    with pytest.raises(RuntimeError, match="no valid episode after 5 draws"):
+        SupervoxelEpisodeDataset(sv_volumes, min_size=10**6, max_tries=5, augmentation=None)[0]
     with pytest.raises(ValueError, match="both trained on and excluded"):
         GroundTruthEpisodeDataset(sv_volumes, classes=(1, 2), exclude_classes=KIDNEYS)
 

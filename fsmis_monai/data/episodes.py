@@ -7,7 +7,8 @@ runs, resumed runs and multi-worker runs see the same episodes. The index only s
 (the draw itself is random, as in the references, which ignore it), so no shuffling is needed. Call
 ``dataset.set_epoch(e)`` when epoch ``e`` starts (before its DataLoader iterator is created, e.g. on
 ignite's ``EPOCH_STARTED`` with ``e = engine.state.epoch - 1``) to get fresh episodes every epoch;
-without it every epoch replays the episodes of epoch 0. Pass ``worker_init_fn=seed_worker``
+without it every epoch replays the episodes of epoch 0 (with ``persistent_workers=True`` the workers keep
+the epoch they started with, so leave that off). Pass ``worker_init_fn=seed_worker``
 (:mod:`fsmis_monai.data.seeding`) to the DataLoader for any other randomness.
 
 Batch format (one item; DataLoader default collation adds the leading batch axis B):
