@@ -112,7 +112,8 @@ def write_dicom_series(volume: np.ndarray, affine_ras: np.ndarray, folder: Path,
         writer.Execute(sl)
 
 
-def write_png_masks(label: np.ndarray, folder: Path, decreasing: bool = True) -> None:
+def write_png_masks(label: np.ndarray, folder: Path, decreasing: bool = True, name: str = "IMG-0002-{}.png",
+                    first: int = 1) -> None:
     """CHAOS ground truth: one grey PNG per slice in DICOM pixel order (rows, columns), numbered like the DICOMs."""
     from PIL import Image
 
@@ -122,8 +123,8 @@ def write_png_masks(label: np.ndarray, folder: Path, decreasing: bool = True) ->
         grey = np.zeros(label.shape[:2], np.uint8)
         for c, g in CHAOS_GREY.items():
             grey[label[:, :, k] == c] = g
-        instance = nz - k if decreasing else k + 1
-        Image.fromarray(np.ascontiguousarray(grey.T)).save(folder / f"IMG-0002-{instance}.png")  # no zero padding
+        number = (nz - 1 - k if decreasing else k) + first
+        Image.fromarray(np.ascontiguousarray(grey.T)).save(folder / name.format(number))  # no zero padding
 
 
 # ---------------------------------------------------------------------------- raw synthesis
@@ -244,6 +245,19 @@ def test_chaos_pngs_flip_rows_for_dcm2niix_images(tmp_path, chaos_scan):
     assert run_preprocessing(recipe, raw, tmp_path / "unflipped", progress=False).ok
     wrong = np.asarray(nib.load(str(tmp_path / "unflipped" / "label_1.nii.gz")).dataobj)
     assert dice(wrong == 4, label == 4) < 0.5
+
+
+def test_chaos_itk_reader_places_pngs_by_dicom_position(tmp_path, chaos_scan):
+    """ITKReader stacks by position, not instance number; PNGs numbered from 0 pair by rank."""
+    image, label, affine = chaos_scan
+    base = make_chaos_raw(tmp_path / "raw", 1, image[..., :4], label[..., :4], affine)
+    ground = base / "Ground"
+    for png in sorted(ground.iterdir()):  # IMG-0002-<instance>.png -> mask_<instance - 1>.png
+        png.rename(ground / f"mask_{int(png.stem.split('-')[-1]) - 1:03d}.png")
+    recipe = load_recipe("chaos_mr_t2")
+    recipe["raw"]["image_reader"] = "ITKReader"
+    assert run_preprocessing(recipe, tmp_path / "raw", tmp_path / "out", progress=False).ok
+    assert_recovered(tmp_path / "out", 1, image[..., :4], label[..., :4], affine, classes=(1, 2, 3, 4))
 
 
 def test_size_rules():

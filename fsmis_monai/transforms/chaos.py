@@ -14,8 +14,13 @@ custom. Two facts of the reference pipeline (methods.md 1.1, 1.2, 8.2) are handl
   ``Orientationd("LAS")`` then gives the reference's array layout. Set ``flip_rows=True`` only to pair the
   PNGs with an image converted by ``dcm2niix``.
 
-Slices are stacked in the order of the trailing number of the file name (``IMG-0002-00010.png`` ->
-10), which is the DICOM instance order ``PydicomReader`` stacks the series in.
+**Slice order.** The reference stacks the PNGs by the trailing number of their names
+(``IMG-0002-00010.png`` -> 10) and relies on that matching the slice order of its NIfTI. Here, when the
+image was read from a DICOM folder, each PNG is placed on the slice of *its* DICOM file, whatever order
+the reader stacked the series in (``PydicomReader``: instance number; ``ITKReader``: position): the PNG
+whose number equals a file's ``InstanceNumber``, or, when the numberings differ (e.g. 0-based PNGs), the
+PNG of the same rank; each file's slice comes from its ``ImagePositionPatient`` and the image affine.
+Without a DICOM folder (a NIfTI image) the PNGs are stacked by number, as the reference does.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 
 from fsmis_monai.io import FsmisInputError
-from fsmis_monai.transforms.checks import check_raw_path, source_of
+from fsmis_monai.transforms.checks import check_raw_path, dicom_files, source_of
 
 # label -> inclusive grey range, from the CHAOS data description (liver 63 (55-70), right kidney 126
 # (110-135), left kidney 189 (175-200), spleen 252 (240-255)).
@@ -59,6 +64,31 @@ def grey_to_label(grey: np.ndarray, grey_ranges: Mapping[int, tuple[int, int]], 
         raise FsmisInputError(f"{name}: grey values {bad[:8].tolist()} match no label of the grey table "
                               f"{dict(grey_ranges)}")
     return label
+
+
+def dicom_instances_by_slice(folder: Path, affine: np.ndarray, n_slices: int) -> list[int]:
+    """The ``InstanceNumber`` of the DICOM file lying on each slice of the volume read from ``folder``.
+
+    ``affine`` is the volume's RAS affine (MONAI's readers convert DICOM's LPS); a file whose
+    ``ImagePositionPatient`` does not fall on a distinct slice is an error naming it.
+    """
+    import pydicom
+
+    inverse = np.linalg.inv(np.asarray(affine, dtype=np.float64))
+    by_slice: list[int | None] = [None] * n_slices
+    for f in dicom_files(folder):
+        ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["ImagePositionPatient", "InstanceNumber"])
+        if "ImagePositionPatient" not in ds:
+            raise FsmisInputError(f"{f}: no ImagePositionPatient; cannot place its PNG mask")
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        k = float((inverse @ np.array([-x, -y, z, 1.0]))[2])
+        slot = int(round(k))
+        if abs(k - slot) > 0.1 or not 0 <= slot < n_slices or by_slice[slot] is not None:
+            raise FsmisInputError(f"{f}: its position does not fall on a distinct slice of the series read from {folder}")
+        by_slice[slot] = int(ds.InstanceNumber) if "InstanceNumber" in ds else trailing_number(f)
+    if any(n is None for n in by_slice):
+        raise FsmisInputError(f"{folder}: {by_slice.count(None)} slices of the series have no DICOM file")
+    return by_slice  # type: ignore[return-value]
 
 
 def _read_png(path: Path) -> np.ndarray:
@@ -90,7 +120,10 @@ class ChaosPngLabelStack(Transform):
                                 {int(k): (int(v[0]), int(v[1])) for k, v in grey_ranges.items()})
         self.flip_rows = flip_rows
 
-    def __call__(self, folder: str | Path) -> np.ndarray:
+    def __call__(self, folder: str | Path, slice_numbers: list[int] | None = None) -> np.ndarray:
+        """Stack the PNGs of ``folder``; ``slice_numbers[k]`` (optional) is the number of the DICOM
+        instance on slice ``k``: the PNG with that number goes there, or the PNG of the same rank when the
+        two numberings differ."""
         folder = check_raw_path(folder)
         pngs = [p for p in folder.iterdir() if p.suffix.lower() == ".png"]
         if not pngs:
@@ -100,6 +133,12 @@ class ChaosPngLabelStack(Transform):
         if len(set(numbers)) != len(numbers):
             dup = next(p for p, n in zip(pngs, numbers) if numbers.count(n) > 1)
             raise FsmisInputError(f"{dup}: two PNG masks share slice number {trailing_number(dup)}")
+        if slice_numbers is not None and len(slice_numbers) == len(pngs):
+            if set(slice_numbers) == set(numbers):
+                pngs = [pngs[numbers.index(n)] for n in slice_numbers]
+            else:
+                rank = {n: r for r, n in enumerate(sorted(slice_numbers))}
+                pngs = [pngs[rank[n]] for n in slice_numbers]
         slices = []
         for p in pngs:
             grey = _read_png(p)
@@ -130,7 +169,11 @@ class LoadChaosPngLabeld(MapTransform):
         ref = d[self.ref_key]
         for key in self.key_iterator(d):
             folder = Path(d[key])
-            arr = self.reader(folder)
+            source = Path(source_of(ref))
+            numbers = None
+            if source.is_dir():  # a DICOM series: put each PNG on its DICOM file's slice
+                numbers = dicom_instances_by_slice(source, ref.affine.cpu().numpy(), int(ref.shape[-1]))
+            arr = self.reader(folder, numbers)
             if tuple(arr.shape) != tuple(ref.shape[1:]):
                 raise FsmisInputError(
                     f"{folder}: PNG stack of shape {arr.shape} (column, row, slice) does not match the image "

@@ -29,7 +29,7 @@ def source_of(img: Any, default: str = "<array>") -> str:
     return str(src)
 
 
-def _dicom_files(folder: Path) -> list[Path]:
+def dicom_files(folder: Path) -> list[Path]:
     import pydicom
 
     return [p for p in sorted(folder.iterdir()) if p.is_file() and p.stat().st_size > 0 and pydicom.misc.is_dicom(p)]
@@ -54,7 +54,7 @@ def check_raw_path(path: str | Path, dicom_series: bool = False) -> Path:
         raise FsmisInputError(f"{empty[0]}: file is empty (0 bytes)")
     if not files:
         raise FsmisInputError(f"{p}: folder is empty" + (" (empty DICOM series)" if dicom_series else ""))
-    if dicom_series and not _dicom_files(p):
+    if dicom_series and not dicom_files(p):
         raise FsmisInputError(f"{p}: empty DICOM series (no DICOM file among {len(files)} files)")
     return p
 
@@ -88,7 +88,7 @@ class CheckedLoadImaged(MapTransform):
                     f"{path}: cannot read with {self.reader_name or 'MONAI LoadImage'} ({type(cause).__name__}: {cause})"
                 ) from e
             if path.is_dir():
-                n_files = len(_dicom_files(path))
+                n_files = len(dicom_files(path))
                 if loaded.shape[-1] != n_files:
                     raise FsmisInputError(
                         f"{path}: the series read has {loaded.shape[-1]} slices but the folder holds {n_files} "
