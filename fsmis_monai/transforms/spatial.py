@@ -51,7 +51,8 @@ class ResampleToSpacing(Transform):
         spacing: target spacing per axis; ``None`` or ``0`` keeps the input spacing of that axis.
         size: optional exact number of voxels per axis (``None`` entries fall back to ``spacing``); the
             spacing of such an axis becomes ``n * s / size`` so the output covers the input extent.
-        size_rule: ``"extent"`` (default, MONAI's) or ``"reference"`` (faithful, SimpleITK notebooks).
+        size_rule: ``"extent"`` (default: every output voxel centre inside the input) or ``"reference"``
+            (faithful: the SimpleITK notebooks' ``int(n * s / t + 1)``).
         mode: ``"bilinear"`` (images), ``"nearest"`` (labels, default) or ``"per_class_linear"`` (labels,
             faithful: every class resampled linearly as a 0/1 map, rounded, merged in ascending class order).
     """
@@ -66,8 +67,8 @@ class ResampleToSpacing(Transform):
         self.size_rule = size_rule
         self.mode = mode
 
-    def target_grid(self, img: MetaTensor) -> tuple[np.ndarray, list[int]]:
-        """Output spacing and shape for ``img``."""
+    def target_grid(self, img: MetaTensor) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """Input spacing, output spacing and output shape for ``img``."""
         shape = list(img.shape[1:])
         in_sp = affine_to_spacing(img.affine, r=len(shape)).cpu().numpy().astype(float)
         out_sp, out_shape = in_sp.copy(), list(shape)
@@ -78,19 +79,18 @@ class ResampleToSpacing(Transform):
                 out_sp[ax], out_shape[ax] = in_sp[ax] * n / exact, exact
             elif target > 0:
                 out_sp[ax], out_shape[ax] = target, output_size(n, in_sp[ax], target, self.size_rule)
-        return out_sp, out_shape
+        return in_sp, out_sp, out_shape
 
     def __call__(self, img: MetaTensor) -> MetaTensor:
         if not isinstance(img, MetaTensor):
             raise TypeError("ResampleToSpacing needs a MetaTensor (it reads the spacing from the affine)")
-        out_sp, out_shape = self.target_grid(img)
+        in_sp, out_sp, out_shape = self.target_grid(img)
         # Outside the input extent (the reference rule's extra voxel) the reference fills 0, like "zeros".
         padding = "zeros" if self.size_rule == "reference" else "border"
 
-        in_aff = img.affine.to(torch.float64)
-        in_sp = affine_to_spacing(in_aff, r=len(out_shape)).to(torch.float64)
-        dst_aff = in_aff.clone()
-        dst_aff[:-1, :-1] = in_aff[:-1, :-1] * torch.as_tensor(out_sp / in_sp.numpy(), dtype=torch.float64)
+        # same directions and first voxel, columns scaled to the new spacing
+        dst_aff = img.affine.to(torch.float64).clone()
+        dst_aff[:-1, :-1] *= torch.as_tensor(out_sp / in_sp, dtype=torch.float64)
 
         def resample(x: torch.Tensor, mode: str) -> MetaTensor:
             sp = SpatialResample(mode=mode, padding_mode=padding, align_corners=False, dtype=torch.float32)
