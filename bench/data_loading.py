@@ -37,8 +37,10 @@ def make_pseudolabels(files, out: Path) -> tuple[Path, Path]:
     for f in files:
         image, img = load_nifti(f.image)
         spacing = tuple(float(s) for s in img.header.get_zooms()[:3])
-        save_nifti(sv / f"superpix-MIDDLE_{f.scan_id}.nii.gz", make_supervoxels(image, spacing, min_size=5000), img.affine)
-        save_nifti(sp / f"superpix-MIDDLE_{f.scan_id}.nii.gz", make_superpixels(image, body_threshold=1e-4 + 50), img.affine)
+        supervoxels = make_supervoxels(image, spacing, min_size=5000)
+        superpixels = make_superpixels(image, body_threshold=1e-4 + 50)
+        save_nifti(sv / f"superpix-MIDDLE_{f.scan_id}.nii.gz", supervoxels, img.affine)
+        save_nifti(sp / f"superpix-MIDDLE_{f.scan_id}.nii.gz", superpixels, img.affine)
     return sv, sp
 
 
@@ -93,7 +95,12 @@ def main() -> int:
     torch.set_num_threads(args.threads)
 
     from fsmis_monai.data.datalist import pair_scans
-    from fsmis_monai.data.episodes import GroundTruthEpisodeDataset, SuperpixelEpisodeDataset, SupervoxelEpisodeDataset, time_episodes
+    from fsmis_monai.data.episodes import (
+        GroundTruthEpisodeDataset,
+        SuperpixelEpisodeDataset,
+        SupervoxelEpisodeDataset,
+        time_episodes,
+    )
     from fsmis_monai.data.volumes import load_volumes
 
     if not DATA.is_dir():
@@ -103,8 +110,9 @@ def main() -> int:
         t0 = time.perf_counter()
         sv_dir, sp_dir = make_pseudolabels(files, Path(tmp))
         prep = time.perf_counter() - t0
-        sv_vols = load_volumes(pair_scans(DATA, pseudolabel_dir=sv_dir, require_pseudolabels=False, ids=[f.scan_id for f in files]), "chaos")
-        sp_vols = load_volumes(pair_scans(DATA, pseudolabel_dir=sp_dir, require_pseudolabels=False, ids=[f.scan_id for f in files]), "chaos")
+        ids = [f.scan_id for f in files]
+        sv_vols = load_volumes(pair_scans(DATA, pseudolabel_dir=sv_dir, require_pseudolabels=False, ids=ids), "chaos")
+        sp_vols = load_volumes(pair_scans(DATA, pseudolabel_dir=sp_dir, require_pseudolabels=False, ids=ids), "chaos")
 
     n = args.episodes
     step = resnet_step_seconds(args.step_repeats)

@@ -123,7 +123,8 @@ def test_affine_warp_applies_the_drawn_isotropic_matrix():
     for seed in range(8):
         t.set_random_state(seed)
         out = t(ramps)
-        fitted = np.stack([np.linalg.lstsq(design, out[k][inner, inner].ravel() - centre, rcond=None)[0] for k in (0, 1)])
+        fitted = np.stack([np.linalg.lstsq(design, out[k][inner, inner].ravel() - centre, rcond=None)[0]
+                           for k in (0, 1)])
         np.testing.assert_allclose(fitted, np.linalg.inv(t.matrix)[:2], atol=1e-3)
         linear = t.matrix[:2, :2]
         # |det| = zoom^2 * cos(shear): isotropic zoom in [0.9, 1.2], shear within 5 degrees

@@ -201,7 +201,8 @@ class RandIsotropicAffined(_Geometricd):
 
     def __init__(self, keys: KeysCollection, label_keys: KeysCollection = (), prob: float = 1.0,
                  faithful: bool = False, allow_missing_keys: bool = False, **kwargs) -> None:
-        super().__init__(keys, label_keys, RandIsotropicAffine(prob=prob, faithful=faithful, **kwargs), allow_missing_keys)
+        transform = RandIsotropicAffine(prob=prob, faithful=faithful, **kwargs)
+        super().__init__(keys, label_keys, transform, allow_missing_keys)
 
     def _randomize_for(self, data) -> None:
         self.transform.randomize()
@@ -212,7 +213,8 @@ class RandSimardElasticd(_Geometricd):
 
     def __init__(self, keys: KeysCollection, label_keys: KeysCollection = (), prob: float = 1.0,
                  faithful: bool = False, allow_missing_keys: bool = False, **kwargs) -> None:
-        super().__init__(keys, label_keys, RandSimardElastic(prob=prob, faithful=faithful, **kwargs), allow_missing_keys)
+        transform = RandSimardElastic(prob=prob, faithful=faithful, **kwargs)
+        super().__init__(keys, label_keys, transform, allow_missing_keys)
 
     def _randomize_for(self, data) -> None:
         first = next(iter(self.key_iterator(data)))

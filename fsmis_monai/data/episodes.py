@@ -78,7 +78,9 @@ def excluded_slices(label: np.ndarray, classes: Sequence[int], faithful: bool = 
     return present.all(axis=1) if faithful else present.any(axis=1)
 
 
-def setting_exclusions(dataset: str | DatasetDescriptor, setting: int, test_classes: Sequence[int] | None = None) -> tuple[int, ...]:
+def setting_exclusions(
+    dataset: str | DatasetDescriptor, setting: int, test_classes: Sequence[int] | None = None
+) -> tuple[int, ...]:
     """Classes whose slices training must drop: none in setting 1; the test classes in setting 2.
 
     ``test_classes`` defaults to all of the dataset's test classes; SSL-ALPNet trains once per group
@@ -351,7 +353,8 @@ class GroundTruthEpisodeDataset(EpisodeDataset):
             for v, (ids, counts) in enumerate(zip(self.ids, self.counts)):
                 hit = np.flatnonzero(ids == int(c))
                 if hit.size:
-                    found += [(v, int(z)) for z in np.flatnonzero((counts[:, hit[0]] >= self.min_size) & self.allowed[v])]
+                    big_enough = (counts[:, hit[0]] >= self.min_size) & self.allowed[v]
+                    found += [(v, int(z)) for z in np.flatnonzero(big_enough)]
             if len(found) < need:
                 raise ValueError(f"class {c}: {len(found)} training slices with >= {min_size} pixels, need {need}")
             self.class_slices[int(c)] = found

@@ -82,7 +82,8 @@ def _check_integral(values: np.ndarray, path: Path, what: str) -> None:
     if values.size and not np.all(np.isfinite(values)):
         raise FsmisInputError(f"{path}: {what} contains NaN or infinite values")
     if values.size and not np.array_equal(values, np.round(values)):
-        raise FsmisInputError(f"{path}: {what} values must be integers, found e.g. {values[values != np.round(values)][:3]}")
+        examples = values[values != np.round(values)][:3]
+        raise FsmisInputError(f"{path}: {what} values must be integers, found e.g. {examples}")
 
 
 def _read_label(path: Path, desc: DatasetDescriptor) -> tuple[np.ndarray, np.ndarray]:
@@ -194,7 +195,8 @@ def load_volume(
     arrays = [_slice_first(a) if a is not None else None for a in (image, label, pseudo)]
     if image_size is not None:
         size = (int(image_size[0]), int(image_size[1]))
-        arrays = [None if a is None else _fit_in_plane(a, size, resize_mode, is_label=i > 0) for i, a in enumerate(arrays)]
+        arrays = [None if a is None else _fit_in_plane(a, size, resize_mode, is_label=i > 0)
+                  for i, a in enumerate(arrays)]
     for a in arrays:
         if a is not None:
             a.setflags(write=False)
