@@ -312,3 +312,32 @@ def test_time_episodes_reports_seconds(sv_volumes):
     ds = SupervoxelEpisodeDataset(sv_volumes, length=4, min_size=MIN_SIZE, augmentation=None)
     t = time_episodes(ds, 3)
     assert 0 < t < 5
+
+
+class _NoiseDataset(torch.utils.data.Dataset):
+    """Each item: one draw of a MONAI random transform held by the dataset (a user pipeline's randomness)."""
+
+    def __init__(self) -> None:
+        from monai.transforms import RandGaussianNoise
+
+        self.noise = RandGaussianNoise(prob=1.0)
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.as_tensor(self.noise(np.zeros((1, 2), np.float32)))
+
+
+def test_seed_worker_gives_monai_transforms_distinct_reproducible_streams():
+    def run(init):
+        loader = DataLoader(_NoiseDataset(), batch_size=1, num_workers=2, worker_init_fn=init,
+                            generator=torch.Generator().manual_seed(0))
+        return [b[0] for b in loader]  # items 0, 2 come from worker 0; items 1, 3 from worker 1
+
+    unseeded = run(None)
+    assert torch.equal(unseeded[0], unseeded[1])  # forked workers share the transform's RandomState
+    seeded, again = run(seed_worker), run(seed_worker)
+    assert not torch.equal(seeded[0], seeded[1])
+    for a, b in zip(seeded, again):
+        assert torch.equal(a, b)

@@ -2,15 +2,17 @@
 
 An episode is drawn from a generator keyed by ``(seed, epoch, index)`` (:func:`episode_rng`), so it is
 the same whichever worker builds it, however many workers there are and whatever came before (resumed
-runs see the same episodes). :func:`seed_worker` additionally seeds Python's ``random`` and NumPy's global
-state in every worker from torch's per-worker seed (PyTorch's recommended recipe), for any randomness a
-user pipeline adds on top (the references seeded only ``random`` and ``torch``, methods.md 8.22). For the
-main process use ``monai.utils.set_determinism(seed)``.
+runs see the same episodes); the episodic datasets reseed their MONAI transforms from it for every item.
+
+For randomness a user pipeline adds on top, :func:`seed_worker` is the DataLoader ``worker_init_fn``:
+PyTorch (>= 1.9) already seeds ``random``, NumPy and torch differently in every worker, but MONAI's
+random transforms carry their own ``RandomState``, which every forked worker inherits unchanged, so all
+workers would draw the same numbers; it reseeds them from the worker's seed (MONAI's ``set_rnd``).
+The references seeded only ``random`` and ``torch`` (methods.md 8.22). For the main process use
+``monai.utils.set_determinism(seed)``.
 """
 
 from __future__ import annotations
-
-import random
 
 import numpy as np
 import torch
@@ -26,7 +28,9 @@ def episode_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
 
 
 def seed_worker(worker_id: int) -> None:
-    """``worker_init_fn``: seed ``random`` and NumPy from the worker's torch seed (set by the DataLoader)."""
-    seed = torch.initial_seed() % 2**32
-    random.seed(seed)
-    np.random.seed(seed)
+    """``worker_init_fn``: give the MONAI random transforms held by the worker's dataset the worker's seed."""
+    from monai.data.utils import set_rnd
+
+    info = torch.utils.data.get_worker_info()
+    if info is not None:
+        set_rnd(info.dataset, seed=info.seed)
