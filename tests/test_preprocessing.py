@@ -188,7 +188,7 @@ def make_synapse_raw(root: Path, raw_id: int, image, label, affine) -> None:
 
 @pytest.fixture(scope="module")
 def chaos_scan(chaos_dir):
-    return load_real(chaos_dir, 1, slice(18, 27))  # 9 slices holding all four organs
+    return load_real(chaos_dir, 1, slice(19, 25))  # 6 slices holding all four organs
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +212,7 @@ def test_chaos_dicom_png_recovers_original(tmp_path, chaos_scan):
     assert_recovered(tmp_path / "out", 1, image, label, affine, classes=(1, 2, 3, 4))
     summary = json.loads((tmp_path / "out" / "dataset_summary.json").read_text())
     scan = summary["scans"]["1"]
-    assert scan["shape"] == [256, 256, 9] and scan["orientation"] == "LAS"
+    assert scan["shape"] == [256, 256, 6] and scan["orientation"] == "LAS"
     assert scan["spacing"] == pytest.approx([1.25, 1.25, 7.7], abs=1e-4)
     got = np.asarray(nib.load(str(tmp_path / "out" / "label_1.nii.gz")).dataobj)
     for c, name in ((1, "liver"), (4, "spleen")):
@@ -221,7 +221,7 @@ def test_chaos_dicom_png_recovers_original(tmp_path, chaos_scan):
     assert scan["intensity_range"] == pytest.approx([float(img.min()), float(img.max())])
 
     # faithful resampling (per-class linear + round, size int(n * s / t + 1)) recovers the labels too:
-    # int(17 * 3.85 / 7.7 + 1) = 9 slices, int(340 * 1.0 / 1.25 + 1) = 273 columns centre-cropped to 256
+    # int(11 * 3.85 / 7.7 + 1) = 6 slices, int(340 * 1.0 / 1.25 + 1) = 273 columns centre-cropped to 256
     faithful = run_preprocessing("chaos_mr_t2", tmp_path / "raw", tmp_path / "faithful", faithful=True, progress=False)
     assert faithful.ok, faithful.failed
     assert_recovered(tmp_path / "faithful", 1, image, label, affine, classes=(1, 2, 3, 4))
