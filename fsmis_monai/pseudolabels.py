@@ -63,22 +63,30 @@ def _check_spacing(spacing: Sequence[float], ndim: int, what: str) -> np.ndarray
 
 
 def supervoxel_weights(spacing: Sequence[float]) -> np.ndarray:
-    """Squared-length weight ``w`` of each of the 13 edge directions (cost = sqrt(w) * |dI|).
+    """Squared-length weight ``w`` of each of the 13 edge directions (cost = sqrt(w * dI**2)).
 
-    ADNet: with ``s = spacing[0] / spacing[1]``, in-plane edges (diagonals too) weigh 1, pure axis-0
-    edges ``s**2``, axis-0 + one in-plane axis ``(1 + s**2) / 2`` and axis-0 + both ``(2 + s**2) / 3``:
-    the mean squared step length per moved axis in units of ``spacing[1]``. That is what is computed
-    here, which also covers ``spacing[1] != spacing[2]``.
+    ADNet (methods.md 1.5), with ``s = spacing[0] / spacing[1]``: in-plane edges (diagonals too) weigh 1,
+    pure axis-0 edges ``s**2``, axis-0 + one in-plane axis ``(1 + s**2) / 2`` and axis-0 + both
+    ``(2 + s**2) / 3``, i.e. the mean squared step per moved axis in units of ``spacing[1]``. They are
+    evaluated in the reference's floating-point form, ``(sqrt(sum) / sqrt(m))**2``, so that the costs and
+    hence the edge order are bit-identical to it; unequal in-plane spacings use the same rule.
     """
     from fsmis_monai._felzenszwalb3d import OFFSETS
 
     sp = _check_spacing(spacing, 3, "felzenszwalb_3d")
-    rel2 = [float(sp[a] / sp[1]) ** 2 for a in range(3)]
+    rel2 = [np.float64(1.0), (sp[1] / sp[1]) ** 2, (sp[2] / sp[1]) ** 2]
+    rel2[0] = (sp[0] / sp[1]) ** 2
     weights = []
     for off in OFFSETS:
-        moved = [a for a in (1, 2, 0) if off[a] != 0]  # in-plane terms first: 1 + 1 + s**2 == 2 + s**2 exactly
-        weights.append(sum(rel2[a] for a in moved) / len(moved))
-    return np.array(weights)
+        moved = [a for a in (1, 2, 0) if off[a] != 0]  # in-plane terms first, as the reference writes 1 + s**2
+        if len(moved) == 1:
+            weights.append(rel2[moved[0]])
+        else:
+            total = rel2[moved[0]]
+            for a in moved[1:]:
+                total = total + rel2[a]
+            weights.append((np.sqrt(total) / np.sqrt(len(moved))) ** 2)
+    return np.array(weights, dtype=np.float64)
 
 
 def felzenszwalb_3d(
@@ -100,8 +108,9 @@ def felzenszwalb_3d(
     Returns:
         int32 labels ``0..n-1`` numbered by each component's first voxel in C order.
 
-    Edges are sorted stably by their float32 cost (ties by ``voxel * 13 + direction``), so the result is
-    the same on every machine and NumPy version (the reference's unstable ``argsort`` is not).
+    Edges are sorted **stably** by their exact float64 cost, ties in the reference's own edge order
+    (direction by direction, voxels in C order): the result is what the reference computes with a stable
+    ``argsort``, and it is the same on every machine (the reference's unstable ``argsort`` is not).
     """
     from fsmis_monai import _felzenszwalb3d
 
@@ -119,7 +128,7 @@ def felzenszwalb_3d(
         from scipy import ndimage
 
         vol = ndimage.gaussian_filter(vol, sigma=sigma / np.asarray(spacing, dtype=np.float64))
-    return _felzenszwalb3d.segment(np.ascontiguousarray(vol), np.sqrt(weights), float(scale) / 255.0, int(min_size))
+    return _felzenszwalb3d.segment(np.ascontiguousarray(vol), weights, float(scale) / 255.0, int(min_size))
 
 
 def body_mask_2d(slice_2d: np.ndarray, threshold: float) -> np.ndarray:
@@ -181,7 +190,9 @@ def make_supervoxels(
     low, span = img.min(), np.ptp(img)
     rescaled = 255.0 * (img - low) / span if span > 0 else np.zeros_like(img)
     zyx = np.ascontiguousarray(rescaled.transpose(2, 1, 0))
-    seg = felzenszwalb_3d(zyx, spacing=(sp[2], sp[0], sp[1]), scale=scale, sigma=sigma, min_size=min_size)
+    # the reference reads pixdim through ITK as the float32's shortest decimal string ("7.7", not 7.69999981)
+    sz, sx, sy = (float(str(np.float32(v))) for v in (sp[2], sp[0], sp[1]))
+    seg = felzenszwalb_3d(zyx, spacing=(sz, sx, sy), scale=scale, sigma=sigma, min_size=min_size)
     seg = seg.transpose(2, 1, 0)
     seg[seg == 0] = seg.max() + 1
     seg[~body_mask_volume(rescaled, body_threshold)] = 0

@@ -2,55 +2,93 @@
 """Graph-based segmentation (Felzenszwalb & Huttenlocher, IJCV 2004) of a 3D volume: the hot loops.
 
 The Python face is :func:`fsmis_monai.pseudolabels.felzenszwalb_3d`; it validates the input, smooths it
-and computes the per-direction weights. This module only does what must be fast, without the GIL:
+and computes the per-direction weights. This module does what must be fast, without the GIL:
 
-1. ``_build_edges``: one pass over the volume writes every edge of the 26-neighbourhood (13 directions,
-   each voxel pair once) as one 64-bit word ``float32 cost bits << 32 | edge id``, with
-   ``edge id = voxel * 13 + direction``. Edges are written in increasing id order.
-2. ``_radix_sort``: a stable least-significant-digit radix sort of those words on the 32 cost bits
-   (3 passes of 11 bits). Non-negative IEEE-754 floats order like their bit patterns, so this is an
-   exact stable sort by cost: ties keep the id order, which makes the output identical on every machine.
-3. ``_merge``: greedy union-find in that order with the criterion
-   ``cost < min(Int(C1) + k/|C1|, Int(C2) + k/|C2|)`` (Int = cost of the last edge merged into C),
-   then a second pass over the same order merging any pair where one side is smaller than ``min_size``.
-4. Components are numbered 0..n-1 in the order of their first voxel in C order.
+1. Edges. The 26-neighbourhood gives 13 directions (``OFFSETS``, in the order the ADNet generator lists
+   them). Edge ``d * N + p`` joins voxel ``p`` to ``p + OFFSETS[d]``; edges are enumerated in increasing id,
+   i.e. direction by direction and voxels in C order, which is the reference's own edge layout. The cost
+   is ``sqrt(w[d] * (I(q) - I(p))**2)`` in float64, the reference's exact formula.
+2. Order. Edges are sorted **stably** by exact float64 cost (ties by edge id). When the volume is
+   quantised (0-255 rescaled integers, sigma 0) the costs take few distinct values: they are collected in
+   a hash table, ranked, and the edges are placed by one counting-sort pass (O(edges), exact, stable).
+   When there are too many distinct costs, ``segment`` reports it and the caller falls back to NumPy's
+   stable comparison sort, which gives the same order.
+3. Merging. Greedy union-find in that order with the criterion
+   ``cost < min(Int(C1) + k/|C1|, Int(C2) + k/|C2|)`` (Int = cost of the last edge merged into C), then a
+   second pass over the same order merging any pair where one side is smaller than ``min_size``.
+4. Numbering. Components are numbered 0..n-1 in the order of their first voxel in C order.
 
-Memory per edge is 8 bytes (+8 for the radix buffer): no per-direction temporaries.
+Each edge is one 64-bit word ``(cost rank << 32) | edge id`` (+ one word of sort buffer): no per-direction
+temporaries.
 """
 
 import numpy as np
 
 cimport numpy as cnp
-from libc.math cimport fabs
+from libc.math cimport sqrt
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
-from libc.string cimport memcpy, memset
+from libc.string cimport memcpy
 
 cnp.import_array()
 
-# (dz, dy, dx) of the 13 directions: one per unordered pair of 26-neighbours, lexicographically positive.
+# (dz, dy, dx) of the 13 directions, in the order of the ADNet generator's edge list (methods.md 1.5):
+# x, xy, y, x(-y) in-plane, then zx, zxy, zy, z(-x), z(-x)(-y), z(-y), zx(-y), z(-x)y, z.
 OFFSETS = (
-    (0, 0, 1), (0, 1, -1), (0, 1, 0), (0, 1, 1),
-    (1, -1, -1), (1, -1, 0), (1, -1, 1), (1, 0, -1), (1, 0, 0), (1, 0, 1), (1, 1, -1), (1, 1, 0), (1, 1, 1),
+    (0, 1, 0), (0, 1, 1), (0, 0, 1), (0, 1, -1),
+    (1, 1, 0), (1, 1, 1), (1, 0, 1), (1, -1, 0), (1, -1, -1), (1, 0, -1), (1, 1, -1), (1, -1, 1), (1, 0, 0),
 )
 NUM_DIRECTIONS = 13
-MAX_VOXELS = (2 ** 31 - 1) // 13  # edge ids are int32: voxel * 13 + direction
+MAX_VOXELS = (2 ** 31 - 1) // 13  # edge ids d * N + p are 32-bit
+DEFAULT_MAX_DISTINCT = 1 << 20  # distinct costs handled by the counting sort (hash table of 2x this)
 
 DEF NDIR = 13
-DEF RADIX_BITS = 11
-DEF RADIX_SIZE = 2048
-DEF RADIX_MASK = 2047
+cdef uint64_t EMPTY = <uint64_t>(-1)  # never the bit pattern of a finite non-negative double
+cdef uint64_t LOW32 = <uint64_t>0xFFFFFFFF
 
 
-cdef inline uint32_t _float_bits(float f) noexcept nogil:
-    cdef uint32_t u
-    memcpy(&u, &f, 4)
+cdef struct Grid:
+    Py_ssize_t nz, ny, nx, n
+    Py_ssize_t lin[NDIR]
+    int dz[NDIR]
+    int dy[NDIR]
+    int dx[NDIR]
+    double inv_n
+
+
+cdef Grid _grid(Py_ssize_t nz, Py_ssize_t ny, Py_ssize_t nx):
+    cdef Grid g
+    cdef int d
+    g.nz, g.ny, g.nx, g.n = nz, ny, nx, nz * ny * nx
+    g.inv_n = 1.0 / g.n if g.n > 0 else 0.0
+    for d in range(NDIR):
+        g.dz[d], g.dy[d], g.dx[d] = OFFSETS[d]
+        g.lin[d] = (g.dz[d] * ny + g.dy[d]) * nx + g.dx[d]
+    return g
+
+
+cdef int64_t _num_edges(Grid* g) noexcept nogil:
+    cdef int64_t m = 0
+    cdef int d
+    for d in range(NDIR):
+        m += max(g.nz - g.dz[d], 0) * max(g.ny - abs(g.dy[d]), 0) * max(g.nx - abs(g.dx[d]), 0)
+    return m
+
+
+cdef inline uint64_t _bits(double v) noexcept nogil:
+    cdef uint64_t u
+    memcpy(&u, &v, 8)
     return u
 
 
-cdef inline float _bits_float(uint32_t u) noexcept nogil:
-    cdef float f
-    memcpy(&f, &u, 4)
-    return f
+cdef inline void _decode(Grid* g, uint32_t eid, Py_ssize_t* p, Py_ssize_t* q) noexcept nogil:
+    """Edge id -> its two voxels (``d = eid // N`` via a float reciprocal, corrected to be exact)."""
+    cdef Py_ssize_t d = <Py_ssize_t>(eid * g.inv_n)
+    if d * g.n > eid:
+        d -= 1
+    elif (d + 1) * g.n <= eid:
+        d += 1
+    p[0] = eid - d * g.n
+    q[0] = p[0] + g.lin[d]
 
 
 cdef inline int32_t _find(int32_t* parent, int32_t x) noexcept nogil:
@@ -61,98 +99,108 @@ cdef inline int32_t _find(int32_t* parent, int32_t x) noexcept nogil:
     return x
 
 
-cdef int64_t _build_edges(const double* vol, Py_ssize_t nz, Py_ssize_t ny, Py_ssize_t nx,
-                          const double* sqrt_w, const int* dz, const int* dy, const int* dx,
-                          uint64_t* out, int64_t* hist) noexcept nogil:
-    """Write all edges in id order and the 3 radix histograms; return the number written."""
-    cdef Py_ssize_t z, y, x, p, q, zz, yy, xx
+cdef int64_t _edges_hashed(const double* vol, Grid* g, const double* w, uint64_t* words, uint64_t* keys,
+                           int64_t* counts, int64_t capacity, int64_t max_distinct) noexcept nogil:
+    """Write every edge in id order as ``(hash slot of its cost << 32) | id``; return the number of distinct
+    costs, or -1 once there are more than ``max_distinct``."""
+    cdef uint64_t golden = (<uint64_t>0x9E3779B9 << 32) | <uint64_t>0x7F4A7C15
+    cdef uint64_t mask = <uint64_t>(capacity - 1), h, bits
+    cdef int shift = 64
+    cdef int64_t distinct = 0, i = 0
+    cdef Py_ssize_t z, y, x, p, y0, y1, x0, x1
     cdef int d
-    cdef int64_t i = 0
-    cdef Py_ssize_t lin[NDIR]
-    cdef double v
-    cdef float c
-    cdef uint32_t bits
+    cdef double diff
+    while (<int64_t>1 << (64 - shift)) < capacity:
+        shift -= 1
     for d in range(NDIR):
-        lin[d] = (dz[d] * ny + dy[d]) * nx + dx[d]
-    for z in range(nz):
-        for y in range(ny):
-            for x in range(nx):
-                p = (z * ny + y) * nx + x
-                v = vol[p]
-                for d in range(NDIR):
-                    zz = z + dz[d]
-                    yy = y + dy[d]
-                    xx = x + dx[d]
-                    if zz >= nz or yy < 0 or yy >= ny or xx < 0 or xx >= nx:
-                        continue
-                    q = p + lin[d]
-                    c = <float>(sqrt_w[d] * fabs(v - vol[q]))
-                    bits = _float_bits(c)
-                    out[i] = ((<uint64_t>bits) << 32) | <uint64_t>(p * NDIR + d)
-                    hist[bits & RADIX_MASK] += 1
-                    hist[RADIX_SIZE + ((bits >> RADIX_BITS) & RADIX_MASK)] += 1
-                    hist[2 * RADIX_SIZE + (bits >> (2 * RADIX_BITS))] += 1
+        y0 = 1 if g.dy[d] < 0 else 0
+        y1 = g.ny - (1 if g.dy[d] > 0 else 0)
+        x0 = 1 if g.dx[d] < 0 else 0
+        x1 = g.nx - (1 if g.dx[d] > 0 else 0)
+        for z in range(g.nz - g.dz[d]):
+            for y in range(y0, y1):
+                p = (z * g.ny + y) * g.nx + x0
+                for x in range(x0, x1):
+                    diff = vol[p + g.lin[d]] - vol[p]
+                    bits = _bits(sqrt(w[d] * (diff * diff)))
+                    h = (bits * golden) >> shift
+                    while keys[h] != bits and keys[h] != EMPTY:
+                        h = (h + 1) & mask
+                    if keys[h] == EMPTY:
+                        if distinct == max_distinct:
+                            return -1
+                        keys[h] = bits
+                        distinct += 1
+                    counts[h] += 1
+                    words[i] = (h << 32) | <uint64_t>(d * g.n + p)
                     i += 1
-    return i
+                    p += 1
+    return distinct
 
 
-cdef uint64_t* _radix_sort(uint64_t* a, uint64_t* b, int64_t m, int64_t* hist) noexcept nogil:
-    """Stable LSD radix sort of ``a`` by its upper 32 bits; returns the buffer holding the result."""
-    cdef int pss, shift
-    cdef int64_t i, total, cnt
-    cdef int64_t* h
-    cdef uint64_t* src = a
-    cdef uint64_t* dst = b
-    cdef uint64_t* t
-    cdef uint64_t w
-    cdef int64_t first_digit
-    for pss in range(3):
-        shift = 32 + RADIX_BITS * pss
-        h = hist + RADIX_SIZE * pss
-        if m == 0:
-            break
-        first_digit = <int64_t>((src[0] >> shift) & RADIX_MASK)
-        if h[first_digit] == m:  # every key has this digit: the pass would not move anything
-            continue
-        total = 0
-        for i in range(RADIX_SIZE):  # counts -> start offsets
-            cnt = h[i]
-            h[i] = total
-            total += cnt
-        for i in range(m):
-            w = src[i]
-            dst[h[(w >> shift) & RADIX_MASK]] = w
-            h[(w >> shift) & RADIX_MASK] += 1
-        t = src
-        src = dst
-        dst = t
-    return src
+cdef void _edge_costs(const double* vol, Grid* g, const double* w, double* costs, uint64_t* words) noexcept nogil:
+    """Fallback path: every edge's cost and id, in id order."""
+    cdef int64_t i = 0
+    cdef Py_ssize_t z, y, x, p, y0, y1, x0, x1
+    cdef int d
+    cdef double diff
+    for d in range(NDIR):
+        y0 = 1 if g.dy[d] < 0 else 0
+        y1 = g.ny - (1 if g.dy[d] > 0 else 0)
+        x0 = 1 if g.dx[d] < 0 else 0
+        x1 = g.nx - (1 if g.dx[d] > 0 else 0)
+        for z in range(g.nz - g.dz[d]):
+            for y in range(y0, y1):
+                p = (z * g.ny + y) * g.nx + x0
+                for x in range(x0, x1):
+                    diff = vol[p + g.lin[d]] - vol[p]
+                    costs[i] = sqrt(w[d] * (diff * diff))
+                    words[i] = <uint64_t>(d * g.n + p)
+                    i += 1
+                    p += 1
 
 
-cdef int64_t _merge(const uint64_t* edges, int64_t m, Py_ssize_t n, const Py_ssize_t* lin,
-                    double k, int64_t min_size, int32_t* parent, int32_t* size, float* cint) noexcept nogil:
+cdef void _rank_in_order(const uint64_t* ids, uint64_t* dst, const int64_t* order, int64_t m) noexcept nogil:
+    """Fallback path: ``dst[j] = (j << 32) | ids[order[j]]``."""
+    cdef int64_t j
+    for j in range(m):
+        dst[j] = (<uint64_t>j << 32) | ids[order[j]]
+
+
+cdef void _counting_sort(const uint64_t* src, uint64_t* dst, int64_t m, int64_t* start_of_slot,
+                         const int64_t* rank_of_slot) noexcept nogil:
+    """Stable placement by cost rank: ``dst`` gets ``(rank << 32) | id`` in (cost, id) order."""
+    cdef int64_t i, slot, pos
+    cdef uint64_t word
+    for i in range(m):
+        word = src[i]
+        slot = <int64_t>(word >> 32)
+        pos = start_of_slot[slot]
+        start_of_slot[slot] = pos + 1
+        dst[pos] = (<uint64_t>rank_of_slot[slot] << 32) | (word & LOW32)
+
+
+cdef int64_t _merge(const uint64_t* edges, int64_t m, Grid* g, const double* cost_of_rank, double k,
+                    int64_t min_size, int32_t* parent, int32_t* size, double* cint) noexcept nogil:
     """Both greedy passes over the sorted edges; returns the number of components."""
-    cdef int64_t e, nsmall, ncomp = n
-    cdef uint64_t w
-    cdef uint32_t eid
+    cdef int64_t e, nsmall, ncomp = g.n
+    cdef uint64_t word
     cdef Py_ssize_t p, q
     cdef int32_t ra, rb, t
     cdef double cost, ta, tb
-    for p in range(n):
+    for p in range(g.n):
         parent[p] = <int32_t>p
         size[p] = 1
         cint[p] = 0.0
-    # pass 1: merge when the edge is not heavier than both components' internal variation + k/|C|
+    # pass 1: merge when the edge is lighter than both components' internal variation + k/|C|
     for e in range(m):
-        w = edges[e]
-        eid = <uint32_t>w  # low 32 bits: the edge id
-        p = eid // NDIR
-        q = p + lin[eid - p * NDIR]
+        word = edges[e]
+        _decode(g, <uint32_t>(word & LOW32), &p, &q)
         ra = _find(parent, <int32_t>p)
         rb = _find(parent, <int32_t>q)
         if ra == rb:
             continue
-        cost = _bits_float(<uint32_t>(w >> 32))
+        cost = cost_of_rank[word >> 32]
         ta = cint[ra] + k / size[ra]
         tb = cint[rb] + k / size[rb]
         if cost < (ta if ta < tb else tb):
@@ -162,20 +210,18 @@ cdef int64_t _merge(const uint64_t* edges, int64_t m, Py_ssize_t n, const Py_ssi
                 rb = t
             parent[rb] = ra
             size[ra] += size[rb]
-            cint[ra] = <float>cost
+            cint[ra] = cost
             ncomp -= 1
     # pass 2: absorb components smaller than min_size, in the same edge order
     nsmall = 0
-    for p in range(n):
+    for p in range(g.n):
         if parent[p] == p and size[p] < min_size:
             nsmall += 1
     e = 0
     while nsmall > 0 and e < m:
-        w = edges[e]
+        word = edges[e]
         e += 1
-        eid = <uint32_t>w  # low 32 bits: the edge id
-        p = eid // NDIR
-        q = p + lin[eid - p * NDIR]
+        _decode(g, <uint32_t>(word & LOW32), &p, &q)
         ra = _find(parent, <int32_t>p)
         rb = _find(parent, <int32_t>q)
         if ra == rb or (size[ra] >= min_size and size[rb] >= min_size):
@@ -206,86 +252,104 @@ cdef void _number_components(Py_ssize_t n, int32_t* parent, int32_t* scratch, in
         out[p] = scratch[r]
 
 
-cdef _merge_into(const uint64_t* edges, int64_t m, Py_ssize_t n, const Py_ssize_t* lin, double k,
+cdef _merge_into(const uint64_t* edges, int64_t m, Grid* g, const double* cost_of_rank, double k,
                  Py_ssize_t min_size, cnp.ndarray labels):
-    """Allocate the union-find arrays, run both passes without the GIL, write ranks into ``labels``."""
-    cdef cnp.ndarray parent = np.empty(n, dtype=np.int32)
-    cdef cnp.ndarray size = np.empty(n, dtype=np.int32)
-    cdef cnp.ndarray cint = np.empty(n, dtype=np.float32)
+    """Allocate the union-find arrays, run both passes without the GIL, write component ranks into ``labels``."""
+    cdef cnp.ndarray parent = np.empty(g.n, dtype=np.int32)
+    cdef cnp.ndarray size = np.empty(g.n, dtype=np.int32)
+    cdef cnp.ndarray cint = np.empty(g.n, dtype=np.float64)
     cdef int32_t* pp = <int32_t*>cnp.PyArray_DATA(parent)
     cdef int32_t* ps = <int32_t*>cnp.PyArray_DATA(size)
-    cdef float* pc = <float*>cnp.PyArray_DATA(cint)
+    cdef double* pc = <double*>cnp.PyArray_DATA(cint)
     cdef int32_t* po = <int32_t*>cnp.PyArray_DATA(labels)
     with nogil:
-        _merge(edges, m, n, lin, k, min_size, pp, ps, pc)
-        _number_components(n, pp, ps, po)
+        _merge(edges, m, g, cost_of_rank, k, min_size, pp, ps, pc)
+        _number_components(g.n, pp, ps, po)
 
 
-def segment(const double[:, :, ::1] volume, const double[::1] sqrt_weights, double k, Py_ssize_t min_size):
-    """Felzenszwalb segmentation of a C-contiguous float64 volume; returns int32 labels 0..n-1.
+def sorted_edges(const double[:, :, ::1] volume, const double[::1] weights,
+                 Py_ssize_t max_distinct=DEFAULT_MAX_DISTINCT):
+    """Edges sorted stably by exact cost: ``(words, cost_of_rank)`` with ``words[i] = rank << 32 | id``.
 
-    ``sqrt_weights[d]`` multiplies ``|I(p) - I(p + OFFSETS[d])|``; ``k`` is the merge scale (already
-    divided by 255). Validation is the caller's job (see ``fsmis_monai.pseudolabels``).
+    Counting sort over the distinct costs when there are at most ``max_distinct`` of them, otherwise
+    ``np.argsort(kind="stable")`` of the float64 costs (same order, more memory and time).
     """
-    cdef Py_ssize_t nz = volume.shape[0], ny = volume.shape[1], nx = volume.shape[2]
-    cdef Py_ssize_t n = nz * ny * nx
+    cdef Grid g = _grid(volume.shape[0], volume.shape[1], volume.shape[2])
+    cdef double w[NDIR]
     cdef int d
-    cdef int dz[NDIR]
-    cdef int dy[NDIR]
-    cdef int dx[NDIR]
-    cdef double sw[NDIR]
-    cdef Py_ssize_t lin[NDIR]
-    cdef int64_t m = 0, written
-    if sqrt_weights.shape[0] != NDIR:
-        raise ValueError(f"sqrt_weights must have {NDIR} entries, got {sqrt_weights.shape[0]}")
-    if n > MAX_VOXELS:
-        raise ValueError(f"volume has {n} voxels; at most {MAX_VOXELS} are supported (int32 edge ids)")
-    labels = np.zeros((nz, ny, nx), dtype=np.int32)
-    if n == 0:
-        return labels
+    if weights.shape[0] != NDIR:
+        raise ValueError(f"weights must have {NDIR} entries, got {weights.shape[0]}")
+    if g.n > MAX_VOXELS:
+        raise ValueError(f"volume has {g.n} voxels; at most {MAX_VOXELS} are supported (32-bit edge ids)")
     for d in range(NDIR):
-        dz[d], dy[d], dx[d] = OFFSETS[d]
-        sw[d] = sqrt_weights[d]
-        lin[d] = (dz[d] * ny + dy[d]) * nx + dx[d]
-        m += max(nz - dz[d], 0) * max(ny - abs(dy[d]), 0) * max(nx - abs(dx[d]), 0)
-
-    cdef cnp.ndarray edges_a = np.empty(m, dtype=np.uint64)
-    cdef cnp.ndarray edges_b = np.empty(m, dtype=np.uint64)
-    cdef cnp.ndarray hist_arr = np.zeros(3 * RADIX_SIZE, dtype=np.int64)
-    cdef uint64_t* pa = <uint64_t*>cnp.PyArray_DATA(edges_a)
-    cdef uint64_t* pb = <uint64_t*>cnp.PyArray_DATA(edges_b)
-    cdef int64_t* hist = <int64_t*>cnp.PyArray_DATA(hist_arr)
-    cdef uint64_t* sorted_edges = NULL
+        w[d] = weights[d]
+    cdef int64_t m = _num_edges(&g)
+    cdef int64_t capacity = 16, distinct = -1
+    while capacity < 2 * max_distinct:
+        capacity *= 2
+    cdef cnp.ndarray words = np.empty(m, dtype=np.uint64)
+    cdef cnp.ndarray keys = np.full(capacity, EMPTY, dtype=np.uint64)
+    cdef cnp.ndarray counts = np.zeros(capacity, dtype=np.int64)
+    cdef uint64_t* pw = <uint64_t*>cnp.PyArray_DATA(words)
+    cdef uint64_t* pk = <uint64_t*>cnp.PyArray_DATA(keys)
+    cdef int64_t* pn = <int64_t*>cnp.PyArray_DATA(counts)
+    cdef double* pcost
+    if g.n > 0 and max_distinct > 0:
+        with nogil:
+            distinct = _edges_hashed(&volume[0, 0, 0], &g, w, pw, pk, pn, capacity, max_distinct)
+    if g.n == 0 or m == 0:
+        return words, np.zeros(0, dtype=np.float64)
+    if distinct < 0:  # too many distinct costs for the counting sort: stable comparison sort
+        keys = counts = None
+        costs = np.empty(m, dtype=np.float64)
+        pcost = <double*>cnp.PyArray_DATA(costs)
+        with nogil:
+            _edge_costs(&volume[0, 0, 0], &g, w, pcost, pw)
+        order = np.argsort(costs, kind="stable")
+        cost_of_rank = costs[order]
+        costs = None
+        ranked = np.empty(m, dtype=np.uint64)
+        _rank_in_order(pw, <uint64_t*>cnp.PyArray_DATA(ranked), <int64_t*>cnp.PyArray_DATA(order), m)
+        return ranked, cost_of_rank
+    slots = np.flatnonzero(keys != EMPTY)
+    by_cost = slots[np.argsort(keys[slots].view(np.float64), kind="stable")]
+    cost_of_rank = keys[by_cost].view(np.float64)
+    rank_of_slot = np.zeros(capacity, dtype=np.int64)
+    rank_of_slot[by_cost] = np.arange(by_cost.size)
+    start_of_slot = np.zeros(capacity, dtype=np.int64)
+    start_of_slot[by_cost] = np.cumsum(counts[by_cost]) - counts[by_cost]
+    keys = counts = None
+    cdef cnp.ndarray ranked_words = np.empty(m, dtype=np.uint64)
+    cdef int64_t[::1] starts = start_of_slot
+    cdef int64_t[::1] ranks = rank_of_slot
     with nogil:
-        written = _build_edges(&volume[0, 0, 0], nz, ny, nx, sw, dz, dy, dx, pa, hist)
-        sorted_edges = _radix_sort(pa, pb, written, hist)
-    if written != m:
-        raise RuntimeError(f"internal error: counted {m} edges but wrote {written}")
-    # the other buffer is no longer needed: release it before allocating the union-find arrays
-    if sorted_edges == pa:
-        edges_b = None
-    else:
-        edges_a = None
-
-    _merge_into(sorted_edges, m, n, lin, k, min_size, labels)
-    return labels
+        _counting_sort(pw, <uint64_t*>cnp.PyArray_DATA(ranked_words), m, &starts[0], &ranks[0])
+    return ranked_words, np.ascontiguousarray(cost_of_rank)
 
 
-def merge_in_order(const uint64_t[::1] edges, tuple shape, double k, Py_ssize_t min_size):
-    """The merge passes of :func:`segment` over edges already in the wanted order.
+def merge_in_order(const uint64_t[::1] words, const double[::1] cost_of_rank, tuple shape, double k,
+                   Py_ssize_t min_size):
+    """The merge passes over edges already in the wanted order; int32 labels of ``shape`` (z, y, x).
 
-    ``edges[i] = float32 cost bits << 32 | (voxel * 13 + direction)``. Used to compare edge orders (e.g.
-    NumPy's ``argsort`` as in the reference) with the same merging code.
+    ``words[i] = rank << 32 | edge id`` with the edge's cost ``cost_of_rank[rank]``; the order of
+    ``words`` is the merge order (so other orders, e.g. an unstable ``argsort``, can be compared).
     """
-    cdef Py_ssize_t nz = shape[0], ny = shape[1], nx = shape[2]
-    cdef Py_ssize_t n = nz * ny * nx
-    cdef Py_ssize_t lin[NDIR]
-    cdef int d
-    for d in range(NDIR):
-        lin[d] = (OFFSETS[d][0] * ny + OFFSETS[d][1]) * nx + OFFSETS[d][2]
-    labels = np.zeros((nz, ny, nx), dtype=np.int32)
-    if n == 0:
+    cdef Grid g = _grid(shape[0], shape[1], shape[2])
+    labels = np.zeros(shape, dtype=np.int32)
+    if g.n == 0:
         return labels
-    if edges.shape[0] > 0:
-        _merge_into(&edges[0], edges.shape[0], n, lin, k, min_size, labels)
+    cdef const uint64_t* pw = &words[0] if words.shape[0] > 0 else NULL
+    cdef const double* pc = &cost_of_rank[0] if cost_of_rank.shape[0] > 0 else NULL
+    _merge_into(pw, words.shape[0], &g, pc, k, min_size, labels)
     return labels
+
+
+def segment(const double[:, :, ::1] volume, const double[::1] weights, double k, Py_ssize_t min_size,
+            Py_ssize_t max_distinct=DEFAULT_MAX_DISTINCT):
+    """Felzenszwalb segmentation of a C-contiguous float64 volume; int32 labels 0..n-1 of the same shape.
+
+    ``weights[d]`` is the squared-length weight of direction ``OFFSETS[d]``; ``k`` is the merge scale
+    (already divided by 255). Validation is the caller's job (see ``fsmis_monai.pseudolabels``).
+    """
+    words, cost_of_rank = sorted_edges(volume, weights, max_distinct)
+    return merge_in_order(words, cost_of_rank, (volume.shape[0], volume.shape[1], volume.shape[2]), k, min_size)

@@ -12,39 +12,44 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from fsmis_monai import _felzenszwalb3d
 from fsmis_monai.io import FsmisInputError
-from fsmis_monai.pseudolabels import felzenszwalb_3d, make_supervoxels
+from fsmis_monai.pseudolabels import felzenszwalb_3d, make_supervoxels, supervoxel_weights
 
 # ----------------------------------------------------------------------------- brute-force reference
 
 
-def _directions() -> list[tuple[int, int, int]]:
-    """Half of the 26-neighbourhood: offsets lexicographically after (0, 0, 0), in lexicographic order."""
-    return sorted(o for o in itertools.product((-1, 0, 1), repeat=3) if o > (0, 0, 0))
+# The reference generator's 13 directions (dz, dy, dx) in the order it concatenates its edge arrays
+# (methods.md 1.5): x, xy, y, x(-y) in-plane, then zx, zxy, zy, z(-x), z(-x)(-y), z(-y), zx(-y), z(-x)y, z.
+REFERENCE_DIRECTIONS = [(0, 1, 0), (0, 1, 1), (0, 0, 1), (0, 1, -1), (1, 1, 0), (1, 1, 1), (1, 0, 1), (1, -1, 0),
+                        (1, -1, -1), (1, 0, -1), (1, 1, -1), (1, -1, 1), (1, 0, 0)]
 
 
 def _weight(offset: tuple[int, int, int], s: float) -> float:
-    """methods.md 1.5: in-plane 1, pure z s^2, z + one in-plane axis (1+s^2)/2, z + both (2+s^2)/3."""
-    moved_in_plane = (offset[1] != 0) + (offset[2] != 0)
+    """methods.md 1.5 in the reference's float form: in-plane 1, z s**2, z + one in-plane axis
+    (sqrt(1 + s**2) / sqrt(2))**2, z + both (sqrt(2 + s**2) / sqrt(3))**2."""
+    in_plane = (offset[1] != 0) + (offset[2] != 0)
     if offset[0] == 0:
         return 1.0
-    return (moved_in_plane + s * s) / (moved_in_plane + 1)
+    if in_plane == 0:
+        return s ** 2
+    return (math.sqrt(in_plane + s ** 2) / math.sqrt(in_plane + 1)) ** 2
 
 
 def brute_force_felzenszwalb(vol: np.ndarray, spacing: tuple[float, float, float], k: float, min_size: int) -> np.ndarray:
-    """Plain-Python Felzenszwalb on a (z, y, x) volume: edges sorted by (float32 cost, voxel*13+direction)."""
+    """Plain-Python Felzenszwalb on a (z, y, x) volume: float64 costs sqrt(w * dI**2), edges listed direction
+    by direction (voxels in C order) as the reference lists them, then a stable sort by cost."""
     nz, ny, nx = vol.shape
     s = spacing[0] / spacing[1]
     edges = []
-    for z, y, x in itertools.product(range(nz), range(ny), range(nx)):
-        p = (z * ny + y) * nx + x
-        for d, off in enumerate(_directions()):
+    for off in REFERENCE_DIRECTIONS:
+        w = _weight(off, s)
+        for z, y, x in itertools.product(range(nz), range(ny), range(nx)):
             zz, yy, xx = z + off[0], y + off[1], x + off[2]
-            if not (0 <= zz < nz and 0 <= yy < ny and 0 <= xx < nx):
-                continue
-            cost = float(np.float32(math.sqrt(_weight(off, s)) * abs(vol[z, y, x] - vol[zz, yy, xx])))
-            edges.append((cost, p * 13 + d, p, (zz * ny + yy) * nx + xx))
-    edges.sort()
+            if 0 <= zz < nz and 0 <= yy < ny and 0 <= xx < nx:
+                diff = float(vol[zz, yy, xx]) - float(vol[z, y, x])
+                edges.append((math.sqrt(w * (diff * diff)), (z * ny + y) * nx + x, (zz * ny + yy) * nx + xx))
+    edges.sort(key=lambda e: e[0])  # list.sort is stable: ties keep the listing order
     n = vol.size
     parent = list(range(n))
     size = [1] * n
@@ -55,13 +60,13 @@ def brute_force_felzenszwalb(vol: np.ndarray, spacing: tuple[float, float, float
             a = parent[a]
         return a
 
-    for cost, _, a, b in edges:
+    for cost, a, b in edges:
         ra, rb = root(a), root(b)
         if ra != rb and cost < min(internal[ra] + k / size[ra], internal[rb] + k / size[rb]):
             parent[rb] = ra
             size[ra] += size[rb]
             internal[ra] = cost
-    for _, _, a, b in edges:
+    for _, a, b in edges:
         ra, rb = root(a), root(b)
         if ra != rb and (size[ra] < min_size or size[rb] < min_size):
             parent[rb] = ra
@@ -72,7 +77,8 @@ def brute_force_felzenszwalb(vol: np.ndarray, spacing: tuple[float, float, float
 
 
 def _blocky_volume(seed: int, shape=(8, 32, 32)) -> np.ndarray:
-    """Piecewise-constant regions plus small integer noise: many exactly tied edge costs."""
+    """Piecewise-constant regions plus small integer noise: many exactly tied edge costs, as in real scans
+    (integer intensities) where the counting sort's stable tie order decides the result."""
     rng = np.random.default_rng(seed)
     coarse = rng.integers(0, 6, size=(2, 4, 4)) * 40
     vol = np.kron(coarse, np.ones((shape[0] // 2, shape[1] // 4, shape[2] // 4)))
@@ -87,6 +93,12 @@ def test_matches_brute_force_union_find(seed, spacing, scale, min_size):
     want = brute_force_felzenszwalb(vol, spacing, scale / 255.0, min_size)
     assert got.dtype == np.int32
     np.testing.assert_array_equal(got, want)
+    # the comparison-sort fallback (too many distinct costs for the counting sort) gives the same order
+    weights = np.array([_weight(o, spacing[0] / spacing[1]) for o in REFERENCE_DIRECTIONS])
+    assert list(_felzenszwalb3d.OFFSETS) == REFERENCE_DIRECTIONS
+    np.testing.assert_array_equal(supervoxel_weights(spacing), weights)  # bit-identical to the reference form
+    fallback = _felzenszwalb3d.segment(vol.astype(np.float64), weights, scale / 255.0, min_size, max_distinct=0)
+    np.testing.assert_array_equal(fallback, want)
     assert 1 < want.max() + 1 < vol.size  # the case really merges and really keeps several regions
 
 
