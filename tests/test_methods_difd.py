@@ -122,16 +122,21 @@ def test_random_boxes_follow_released_draws_and_conditions():
     mask[60:160, 80:200] = 1
     n_fg = mask.sum()
     n_bg = mask.size - n_fg
-    n_fg_boxes = n_bg_boxes = 0
-    for t, l, b, r in boxes.tolist():
-        n1 = mask[t:b, l:r].sum()
-        n0 = (b - t) * (r - l) - n1
-        n_fg_boxes += n1 >= min((b - t) * (r - l) * 0.95, n_fg / 100) and n1 < n_fg
-        n_bg_boxes += n0 >= min((b - t) * (r - l), n_bg / 100) and n0 < n_bg
     feats = torch.randn(2, 256, 256, generator=torch.Generator().manual_seed(3))
+    f = feats.numpy().astype(np.float64)
+    expect_fg, expect_bg = [], []
+    for t, l, b, r in boxes.tolist():
+        m, fb = mask[t:b, l:r], f[:, t:b, l:r]
+        n1 = m.sum()
+        n0 = (b - t) * (r - l) - n1
+        if n1 >= min((b - t) * (r - l) * 0.95, n_fg / 100) and n1 < n_fg:
+            expect_fg.append((fb * m).sum((1, 2)) / (n1 + 1e-5))
+        if n0 >= min((b - t) * (r - l), n_bg / 100) and n0 < n_bg:
+            expect_bg.append((fb * (1 - m)).sum((1, 2)) / (n0 + 1e-5))
     fg, bg = DualInterspersion().boxes(feats, torch.from_numpy(mask), float(n_fg), float(n_bg), torch.Generator().manual_seed(9))
-    assert len(fg) == n_fg_boxes and len(bg) == n_bg_boxes
-    assert 0 < n_fg_boxes < 100 and 0 < n_bg_boxes < 100
+    assert 0 < len(expect_fg) < 100 and 0 < len(expect_bg) < 100
+    np.testing.assert_allclose(fg.numpy(), np.stack(expect_fg), atol=1e-4)
+    np.testing.assert_allclose(bg.numpy(), np.stack(expect_bg), atol=1e-4)
 
 
 def test_fusion_factor_against_pairwise_mean():

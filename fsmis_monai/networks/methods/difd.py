@@ -96,6 +96,17 @@ def random_boxes(height: int, width: int, n: int, generator: torch.Generator, as
     return torch.stack([top, left, top + h, left + w], dim=1)
 
 
+def window_rows(start: torch.Tensor, stop: torch.Tensor, size: int, dtype=torch.float32) -> torch.Tensor:
+    """[n, size] indicator of the intervals [start, stop)."""
+    idx = torch.arange(size)
+    return ((idx >= start[:, None]) & (idx < stop[:, None])).to(dtype)
+
+
+def box_sums(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Sums [n, C] of x [C, H, W] over n boxes given by row and column indicators [n, H], [n, W]."""
+    return torch.einsum("chb,bh->bc", torch.einsum("chw,bw->chb", x, cols.to(x)), rows.to(x))
+
+
 def random_pixel_features(features: torch.Tensor, mask: torch.Tensor, rng: random.Random, limit: int = 100) -> torch.Tensor:
     """Up to ``limit`` features [n, C] of mask pixels, drawn without replacement (released fallback)."""
     pixels = features.flatten(1).t()[mask.flatten() == 1]
@@ -145,19 +156,23 @@ class DualInterspersion(nn.Module):
         return fg_kept, bg_kept
 
     def boxes(self, features, mask, n_fg, n_bg, generator: torch.Generator):
-        """Random-box prototypes: (fg list, bg list) of [1, C] tensors."""
-        fg, bg = [], []
+        """Random-box prototypes: (fg [a, C], bg [b, C]) masked averages of the boxes that pass the tests."""
         height, width = mask.shape
-        for top, left, bottom, right in random_boxes(height, width, self.n_boxes, generator).tolist():
-            f = features[:, top:bottom, left:right]
-            m = mask[top:bottom, left:right]
-            n1 = m.sum()
-            n0 = m.numel() - n1
-            box_area = (bottom - top) * (right - left)
-            if n1 >= min(box_area * self.purity, n_fg / self.n_boxes) and n1 < n_fg:
-                fg.append(((f * m).sum((1, 2)) / (n1 + MAP_EPS))[None])
-            if n0 >= min(box_area, n_bg / self.n_boxes) and n0 < n_bg:
-                bg.append(((f * (1 - m)).sum((1, 2)) / (n0 + MAP_EPS))[None])
+        boxes = random_boxes(height, width, self.n_boxes, generator)
+        rows = window_rows(boxes[:, 0], boxes[:, 2], height, mask.dtype)  # [n, H]
+        cols = window_rows(boxes[:, 1], boxes[:, 3], width, mask.dtype)  # [n, W]
+        area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).to(mask.dtype)
+        n1 = torch.einsum("bh,hw,bw->b", rows, mask, cols)
+        n0 = area - n1
+        fg_keep = (n1 >= torch.clamp(area * self.purity, max=n_fg / self.n_boxes)) & (n1 < n_fg)
+        bg_keep = (n0 >= torch.clamp(area, max=n_bg / self.n_boxes)) & (n0 < n_bg)
+        # box sums of f * m and f as two matrix products (slicing 100 boxes out of a [C, H, W] map costs a
+        # full-size gradient buffer per box in the backward pass)
+        keep = fg_keep | bg_keep
+        fg_sum = box_sums(features * mask, rows[keep], cols[keep])
+        all_sum = box_sums(features, rows[keep], cols[keep])
+        fg = (fg_sum / (n1[keep][:, None] + MAP_EPS))[fg_keep[keep]]
+        bg = ((all_sum - fg_sum) / (n0[keep][:, None] + MAP_EPS))[bg_keep[keep]]
         return fg, bg
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -172,7 +187,7 @@ class DualInterspersion(nn.Module):
             fg_pts.append(fg_patch)
         bg_pts.append(bg_patch)
         fg_box, bg_box = self.boxes(features, m, n_fg, n_bg, torch.Generator().manual_seed(seed))
-        return torch.cat(bg_pts + bg_box), torch.cat(fg_pts + fg_box)
+        return torch.cat(bg_pts + [bg_box]), torch.cat(fg_pts + [fg_box])
 
 
 # -- IFR + FD ----------------------------------------------------------------------------------------------
