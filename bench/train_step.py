@@ -28,7 +28,7 @@ from fsmis_monai.networks.methods import METHODS, build_method
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("FSMIS_DATA", REPO.parent / "shared" / "data")) / "chaos_mr_t2"
-DEFAULT_METHODS = ("ssl_alpnet", "adnet", "qnet")
+DEFAULT_METHODS = ("ssl_alpnet", "adnet", "qnet", "lslpn", "gmrd", "pami", "difd")
 
 
 def real_episode(size: int, shots: int, scans: int = 2):

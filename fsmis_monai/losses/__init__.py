@@ -11,3 +11,4 @@ from fsmis_monai.losses.core import (
     weighted_nll_from_log_probs,
     weighted_nll_from_probs,
 )
+from fsmis_monai.losses.boundary import BoundaryF1Loss
