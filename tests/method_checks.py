@@ -59,6 +59,12 @@ def liver_episode(chaos_dir: Path, size: int = 64) -> Dict[str, torch.Tensor]:
     }
 
 
+@pytest.fixture(scope="module")
+def episode(chaos_dir):
+    """The 64 x 64 CHAOS liver episode of :func:`liver_episode`."""
+    return liver_episode(chaos_dir, 64)
+
+
 def run(model, ep, labels: bool = True):
     return model(ep["support_images"], ep["support_masks"], ep["query_images"], ep["query_labels"] if labels else None)
 

@@ -17,16 +17,11 @@ from method_checks import (
     check_fits_episode,
     check_segment_matches_forward,
     check_training_step,
-    liver_episode,
+    episode,  # noqa: F401 (fixture)
     one_thread,  # noqa: F401 (autouse fixture)
     run,
     small_encoder,
 )
-
-
-@pytest.fixture(scope="module")
-def episode(chaos_dir):
-    return liver_episode(chaos_dir, 64)
 
 
 def _model(**kw):
