@@ -74,10 +74,18 @@ class TrainingCheckpoints:
             if self.resumed_from is not None:
                 logger.info(f"resuming from {self.resumed_from}")
                 CheckpointLoader(self.resumed_from, state, map_location=self.map_location).attach(engine)
+                engine.add_event_handler(Events.STARTED, self._warn_if_finished)
         CheckpointSaver(str(self.ckpt_dir), state, save_interval=self.save_interval, epoch_level=False,
                         n_saved=self.n_saved, save_final=True).attach(engine)
         if self.final_path is not None:
             engine.add_event_handler(Events.COMPLETED, self._export)
+
+    def _warn_if_finished(self, engine: Engine) -> None:
+        """A checkpoint of a finished run restores its schedule: say so instead of silently doing nothing."""
+        length, epochs = engine.state.epoch_length or 0, engine.state.max_epochs or 0
+        if length and engine.state.iteration >= length * epochs:
+            logger.warning(f"{self.resumed_from}: that run already finished ({engine.state.iteration} iterations); "
+                           "nothing to train. Use another ckpt_dir/output_dir (or resume=false) to train again.")
 
     def _export(self, engine: Engine) -> None:
         import ignite.distributed as idist
