@@ -46,28 +46,41 @@ REFERENCE_DIRECTIONS = [(0, 1, 0), (0, 1, 1), (0, 0, 1), (0, 1, -1), (1, 1, 0), 
                         (1, -1, -1), (1, 0, -1), (1, 1, -1), (1, -1, 1), (1, 0, 0)]
 
 
-def run_command(args: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB) of ``python -m fsmis_monai <args>`` in a fresh process."""
+# runs the CLI and reports the process's own peak RSS (VmHWM): ru_maxrss would include the memory of this
+# (large) benchmark process, which the child inherits until exec
+_WRAPPER = (
+    "import sys\n"
+    "from fsmis_monai.cli import main\n"
+    "rc = main(sys.argv[1:])\n"
+    "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
+    "sys.stderr.write(f'\\nPEAK_KB {hwm}\\n')\n"
+    "sys.exit(rc)\n"
+)
+
+
+def run_command(args: list[str]) -> dict[str, float]:
+    """Wall and CPU seconds and peak RSS (MiB) of the ``fsmis`` CLI with ``args`` in a fresh process."""
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "fsmis_monai", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-c", _WRAPPER, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stderr = proc.stderr.read().decode()
     _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - start
-    stderr = proc.stderr.read().decode() if proc.stderr else ""
+    wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise RuntimeError(f"fsmis {' '.join(args)} failed:\n{stderr}")
-    return seconds, usage.ru_maxrss / 1024
+    peak = [line.split()[1] for line in stderr.splitlines() if line.startswith("PEAK_KB")]
+    return {"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "peak": int(peak[0]) / 1024 if peak else float("nan")}
 
 
 def reference_costs(image_xyz: np.ndarray, spacing_xyz) -> tuple[np.ndarray, np.ndarray]:
-    """The reference's float64 edge costs (rescaled volume, its direction order and weights) and, for each,
-    our edge id ``voxel * 13 + direction`` of the same voxel pair."""
+    """The reference's float64 edge costs (rescaled volume, its direction order and weights, spacing read
+    as ITK prints it) and, for each, our edge id ``direction * N + voxel`` of the same voxel pair."""
     from fsmis_monai._felzenszwalb3d import OFFSETS
 
     img = 255.0 * (image_xyz - image_xyz.min()) / np.ptp(image_xyz)
     vol = np.ascontiguousarray(img.transpose(2, 1, 0))
-    s = float(spacing_xyz[2]) / float(spacing_xyz[0])
+    sz, sx = (np.float64(float(str(np.float32(v)))) for v in (spacing_xyz[2], spacing_xyz[0]))
+    s = sz / sx
     voxel = np.arange(vol.size, dtype=np.int64).reshape(vol.shape)
     costs, ids = [], []
     for off in REFERENCE_DIRECTIONS:
@@ -76,7 +89,7 @@ def reference_costs(image_xyz: np.ndarray, spacing_xyz) -> tuple[np.ndarray, np.
         low = tuple(slice(1 if o < 0 else 0, n - (1 if o > 0 else 0)) for o, n in zip(off, vol.shape))
         high = tuple(slice(1 if o > 0 else 0, n - (1 if o < 0 else 0)) for o, n in zip(off, vol.shape))
         costs.append(np.sqrt(w * (vol[high] - vol[low]) ** 2).ravel())
-        ids.append((voxel[low] * 13 + OFFSETS.index(off)).ravel())
+        ids.append((OFFSETS.index(off) * vol.size + voxel[low]).ravel())
     return np.concatenate(costs), np.concatenate(ids)
 
 
@@ -97,8 +110,9 @@ def argsort_order_supervoxels(costs, ids, order, shape_zyx, min_size, rescaled_x
     from fsmis_monai import _felzenszwalb3d
     from fsmis_monai.pseudolabels import body_mask_volume
 
-    words = (costs[order].astype(np.float32).view(np.uint32).astype(np.uint64) << np.uint64(32)) | ids[order].astype(np.uint64)
-    seg = _felzenszwalb3d.merge_in_order(words, shape_zyx, 1.0 / 255.0, min_size).transpose(2, 1, 0).copy()
+    words = (np.arange(order.size, dtype=np.uint64) << np.uint64(32)) | ids[order].astype(np.uint64)
+    seg = _felzenszwalb3d.merge_in_order(words, costs[order], shape_zyx, 1.0 / 255.0, min_size)
+    seg = seg.transpose(2, 1, 0).copy()
     seg[seg == 0] = seg.max() + 1
     seg[~body_mask_volume(rescaled_xyz, 10.0)] = 0
     return seg
@@ -113,17 +127,17 @@ def bench_scans(name: str, limit: int | None, reference: Path | None, tmp: Path)
         src, dst = tmp / f"{name}_{sid}_src", tmp / f"{name}_{sid}_dst"
         src.mkdir()
         (src / path.name).symlink_to(path)
-        seconds, peak = run_command(["supervoxels", "--src", str(src), "--dst", str(dst), "--dataset", dataset,
-                                     "--workers", "1"])
+        cmd = run_command(["supervoxels", "--src", str(src), "--dst", str(dst), "--dataset", dataset, "--workers", "1"])
         img = nib.load(str(path))
         image = np.asarray(img.dataobj)
         costs, ids = reference_costs(image, img.header.get_zooms()[:3])
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         order = np.argsort(costs)
-        yardstick = time.perf_counter() - start
+        yardstick, yardstick_cpu = time.perf_counter() - start, time.process_time() - cpu_start
         ours = np.asarray(nib.load(str(dst / f"superpix-MIDDLE_{sid}.nii.gz")).dataobj)
-        row = {"scan": f"{name} {sid}", "voxels": image.size, "cmd s": seconds, "argsort s": yardstick,
-               "ratio": seconds / yardstick, "peak MiB": peak, "n": len(np.unique(ours)) - 1}
+        row = {"scan": f"{name} {sid}", "voxels": image.size, "edges": costs.size, "cmd s": cmd["wall"],
+               "argsort s": yardstick, "ratio": cmd["wall"] / yardstick, "cpu ratio": cmd["cpu"] / yardstick_cpu,
+               "peak MiB": cmd["peak"], "n": len(np.unique(ours)) - 1}
         if reference is not None:
             published = np.asarray(nib.load(str(reference / ref_sub / f"superpix-MIDDLE_{sid}.nii.gz")).dataobj)
             body = published > 0
@@ -146,10 +160,12 @@ def bench_folder(count: int, tmp: Path) -> dict:
     for path in sorted(folder.glob("image_*.nii.gz"))[:count]:
         (src / path.name).symlink_to(path)
     out = {}
+    load = os.getloadavg()[0]
     for workers in (1, 2):
-        out[workers], _ = run_command(["supervoxels", "--src", str(src), "--dst", str(tmp / f"folder_w{workers}"),
-                                       "--dataset", "chaos", "--workers", str(workers)])
-    return {"scans": count, "workers 1 s": out[1], "workers 2 s": out[2], "speed-up": out[1] / out[2]}
+        out[workers] = run_command(["supervoxels", "--src", str(src), "--dst", str(tmp / f"folder_w{workers}"),
+                                    "--dataset", "chaos", "--workers", str(workers)])["wall"]
+    return {"scans": count, "workers 1 s": out[1], "workers 2 s": out[2], "speed-up": out[1] / out[2],
+            "load avg (2 cores)": load}
 
 
 def plain_superpixel_loop(volume_xyz: np.ndarray, threshold: float, with_masking: bool) -> np.ndarray:
@@ -212,9 +228,10 @@ def markdown(rows: list[dict]) -> str:
 
 def summary(rows: list[dict], label: str) -> str:
     ratio = np.array([r["ratio"] for r in rows])
+    cpu = np.array([r["cpu ratio"] for r in rows])
     peak = np.array([r["peak MiB"] for r in rows])
-    text = (f"{label}: {len(rows)} scans, ratio cmd/argsort median {np.median(ratio):.2f} max {ratio.max():.2f}; "
-            f"peak RSS max {peak.max():.0f} MiB")
+    text = (f"{label}: {len(rows)} scans, ratio cmd/argsort median {np.median(ratio):.2f} max {ratio.max():.2f} "
+            f"(CPU time: median {np.median(cpu):.2f} max {cpu.max():.2f}); peak RSS max {peak.max():.0f} MiB")
     if "ARI" in rows[0]:
         ari = np.array([r["ARI"] for r in rows])
         text += (f"; mask identical {sum(r['mask'] for r in rows)}/{len(rows)}; ARI min {ari.min():.3f} median "

@@ -138,12 +138,11 @@ def body_mask_2d(slice_2d: np.ndarray, threshold: float) -> np.ndarray:
     equal-sized components resolve to the one met first in raster order.
     """
     from scipy import ndimage
-    from skimage.measure import label
 
     above = slice_2d > threshold
     if not above.any():
         return above
-    components = label(above, connectivity=2)
+    components, _ = ndimage.label(above, structure=np.ones((3, 3), dtype=bool))  # numbered in raster order
     largest = np.argmax(np.bincount(components.ravel())[1:]) + 1
     return ndimage.binary_fill_holes(components == largest)
 
