@@ -87,7 +87,7 @@ def test_max_over_covering_cells_matches_loop(faithful):
     if faithful:  # released: empty cells hold zero prototypes and are not marked invalid
         protos = protos * valid[..., None]
         valid = torch.ones_like(valid)
-    scores = model.class_scores(feats, protos, valid, glob)[0].numpy()
+    scores = model.class_scores(feats, (size, size), protos, valid, glob)[0].numpy()
 
     starts, k = window_starts(size)
     assert len(starts) == 22
@@ -115,8 +115,8 @@ def test_corrected_scores_are_true_cosines_faithful_floor_at_minus_one():
     feats = torch.randn(1, 3, 32, 32, generator=g)
     protos = -feats.mean((2, 3))[0].expand(15, 15, 3).clone()  # anti-aligned prototypes: negative scores
     valid = torch.ones(15, 15, dtype=torch.bool)
-    corrected = _model(False).class_scores(feats, protos, valid, protos[0, 0])
-    faithful = _model(True).class_scores(feats, protos, valid, protos[0, 0])
+    corrected = _model(False).class_scores(feats, (32, 32), protos, valid, protos[0, 0])
+    faithful = _model(True).class_scores(feats, (32, 32), protos, valid, protos[0, 0])
     assert corrected.min() < -1.0
     assert faithful.min() >= -1.0
     torch.testing.assert_close(faithful, corrected.clamp(min=-1.0))
@@ -144,3 +144,23 @@ def test_query_size_must_match_support(episode):
     state = model.encode_support(episode["support_images"][0], episode["support_masks"][0])
     with pytest.raises(ValueError, match="differs from the support size"):
         model.segment(torch.zeros(1, 3, 32, 32), state)
+
+
+def test_low_resolution_paths_equal_upsampling_first():
+    """Prototypes and scores computed from stride-8 features equal those of the explicitly upsampled
+    features (bilinear, align_corners=False, as released)."""
+    model = _model()
+    g = torch.Generator().manual_seed(9)
+    feats = torch.randn(1, 6, 8, 8, generator=g)
+    up = torch.nn.functional.interpolate(feats, size=(64, 64), mode="bilinear", align_corners=False)
+    mask = torch.zeros(1, 64, 64)
+    mask[0, 10:41, 7:30] = 1
+    for a, b in zip(model.cell_prototypes(feats, mask), model.cell_prototypes(up, mask)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    protos, valid = model.cell_prototypes(feats, mask)
+    glob = protos[0].reshape(-1, 6).mean(0)
+    torch.testing.assert_close(
+        model.class_scores(feats, (64, 64), protos[0], valid[0], glob),
+        model.class_scores(up, (64, 64), protos[0], valid[0], glob),
+        atol=1e-4, rtol=1e-4,
+    )

@@ -35,7 +35,7 @@ from fsmis_monai.networks.methods.base import (
     encode_episodes,
     resolve_encoder,
 )
-from fsmis_monai.networks.prototypes import MAP_EPS, cosine_map, masked_average_pooling, resize_to
+from fsmis_monai.networks.prototypes import MAP_EPS, _interpolation_matrix, masked_average_pooling, resize_to
 
 
 def window_starts(size: int, n_grid: int = 8, overlap: bool = True) -> Tuple[List[int], int]:
@@ -133,18 +133,25 @@ class LSLPN(FewShotSegmenter):
         return ys, ky, xs, kx
 
     def cell_prototypes(self, features: torch.Tensor, masks: torch.Tensor):
-        """Per-cell masked averages of image-size features.
+        """Per-cell masked averages of the features bilinearly upsampled to the mask size.
 
-        features [K, C, H, W] (already at mask size), masks [K, H, W] ->
-        prototypes [K, Gy, Gx, C] (zero where the cell is empty) and validity [K, Gy, Gx] (count > min_pixels).
+        features [K, C, h, w], masks [K, H, W] -> prototypes [K, Gy, Gx, C] (zero where the cell is empty)
+        and validity [K, Gy, Gx] (count > min_pixels). Upsampling is linear, so each cell's masked sum of
+        upsampled features is the low-resolution features pooled against that cell's mask pulled back
+        through the interpolation (A_h^T (M restricted to the cell) A_w); no full-size feature map is made.
         """
-        ys, ky, xs, kx = self.grid(tuple(masks.shape[-2:]))
-        wy = window_matrix(ys, ky, masks.shape[-2], masks.device, features.dtype)
-        wx = window_matrix(xs, kx, masks.shape[-1], masks.device, features.dtype)
+        size = tuple(masks.shape[-2:])
+        ys, ky, xs, kx = self.grid(size)
         m = masks.to(features.dtype)
-        # window sums as two matrix products (exact for any window layout, one pass over the pixels)
-        sums = torch.einsum("gh,kchw,jw->kgjc", wy, features * m[:, None], wx)
-        counts = torch.einsum("gh,khw,jw->kgj", wy, m, wx)
+        wy = window_matrix(ys, ky, size[0], masks.device, m.dtype)  # [Gy, H]
+        wx = window_matrix(xs, kx, size[1], masks.device, m.dtype)  # [Gx, W]
+        counts = torch.einsum("gH,kHW,jW->kgj", wy, m, wx)
+        a_h = _interpolation_matrix(features.shape[-2], size[0], False, m)  # [H, h]
+        a_w = _interpolation_matrix(features.shape[-1], size[1], False, m)  # [W, w]
+        rows = torch.einsum("gH,kHW->kgHW", wy, m)  # mask restricted to each row band
+        rows = torch.einsum("Hh,kgHW->kghW", a_h, rows)
+        weights = torch.einsum("kghW,jW,Ww->kgjhw", rows, wx, a_w)  # [K, Gy, Gx, h, w]
+        sums = torch.einsum("kchw,kgjhw->kgjc", features, weights)
         valid = counts > self.min_pixels
         protos = sums / (counts[..., None] + MAP_EPS)
         return protos * valid[..., None].to(protos.dtype), valid
@@ -155,11 +162,9 @@ class LSLPN(FewShotSegmenter):
 
     def support_state(self, features: torch.Tensor, support_masks: torch.Tensor) -> SupportState:
         """Grid and global prototypes from encoder features [K, C, h, w] and masks [K, H, W]."""
-        size = tuple(support_masks.shape[-2:])
-        feats = resize_to(features, size, align_corners=False)
-        state: SupportState = {"image_size": size}
+        state: SupportState = {"image_size": tuple(support_masks.shape[-2:])}
         for cls, mask in (("bg", 1.0 - support_masks), ("fg", support_masks)):
-            protos, valid = self.cell_prototypes(feats, mask)
+            protos, valid = self.cell_prototypes(features, mask)
             if self.faithful:  # released: mean over shots, empty cells contributing zeros
                 state[cls] = protos.mean(0)
                 state[f"{cls}_valid"] = torch.ones_like(valid[0])
@@ -167,17 +172,30 @@ class LSLPN(FewShotSegmenter):
                 n_valid = valid.sum(0)
                 state[cls] = protos.sum(0) / n_valid.clamp(min=1)[..., None].to(protos.dtype)
                 state[f"{cls}_valid"] = n_valid > 0
-            state[f"{cls}_global"] = masked_average_pooling(feats, mask).mean(0)
+            state[f"{cls}_global"] = masked_average_pooling(features, mask, align_corners=False).mean(0)
         return state
 
     # -- scoring ---------------------------------------------------------------------------------------
-    def class_scores(self, features: torch.Tensor, protos: torch.Tensor, valid: torch.Tensor, global_proto) -> torch.Tensor:
-        """Max over covering cells of scale * cos: features [N, C, H, W], protos [Gy, Gx, C] -> [N, H, W]."""
-        n, c, h, w = features.shape
+    def class_scores(
+        self, features: torch.Tensor, size, protos: torch.Tensor, valid: torch.Tensor, global_proto: torch.Tensor,
+        norm: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Max over covering cells of scale * cos(up(f)(x), p_g): features [N, C, h, w] -> [N, H, W].
+
+        protos [Gy, Gx, C], valid [Gy, Gx]; ``norm`` [N, H, W] = |up(f)| (computed when not given).
+        Upsampling is linear, so up(f) . p = up(f . p): the numerators of all cells are computed at feature
+        resolution and upsampled, and each layer of disjoint cells picks its cell's map per pixel.
+        """
+        n, c = features.shape[:2]
+        h, w = size
         ys, ky, xs, kx = self.grid((h, w))
-        f = F.normalize(features, dim=1)
-        p = F.normalize(protos, dim=-1).reshape(-1, c)
-        p = torch.cat([p, p.new_zeros(1, c)])  # last row: "no cell here"
+        if norm is None:
+            norm = resize_to(features, (h, w), align_corners=False).norm(dim=1)
+        norm = norm.clamp(min=1e-8)
+        units = F.normalize(torch.cat([protos.reshape(-1, c), global_proto[None]]), dim=1)
+        numerators = resize_to(torch.einsum("nchw,gc->nghw", features, units), (h, w), align_corners=False)
+        cosines = numerators / norm[:, None]  # [N, G + 1, H, W], last map: the global prototype
+        cell_scores = torch.cat([cosines[:, :-1], cosines.new_zeros(n, 1, h, w)], dim=1)  # extra: "no cell here"
         valid_flat = torch.cat([valid.reshape(-1), valid.new_zeros(1)])
         empty = len(ys) * len(xs)
         best = None
@@ -187,13 +205,12 @@ class LSLPN(FewShotSegmenter):
                 ix = _layer_index(layer_x, xs, kx, w, features.device)
                 cell = iy[:, None] * len(xs) + ix[None, :]
                 cell = torch.where((iy[:, None] >= 0) & (ix[None, :] >= 0), cell, torch.full_like(cell, empty))
-                score = self.scale * torch.einsum("nchw,hwc->nhw", f, p[cell])
+                score = self.scale * cell_scores.gather(1, cell.expand(n, 1, h, w))[:, 0]
                 score = score.masked_fill(~valid_flat[cell], float("-inf"))
                 best = score if best is None else torch.maximum(best, score)
         if self.faithful:
             return best.clamp(min=-1.0)  # released score map is initialised to -1 before the max
-        fallback = cosine_map(features, global_proto[None], scale=self.scale)[:, 0]
-        return torch.where(torch.isfinite(best), best, fallback)
+        return torch.where(torch.isfinite(best), best, self.scale * cosines[:, -1])
 
     def segment(self, query_images: torch.Tensor, state: SupportState) -> torch.Tensor:
         size = tuple(query_images.shape[-2:])
@@ -203,9 +220,14 @@ class LSLPN(FewShotSegmenter):
 
     def query_logits(self, features: torch.Tensor, state: SupportState) -> torch.Tensor:
         """[N, 2, H, W] logits [s_bg, s_fg] from query encoder features [N, C, h, w]."""
-        feats = resize_to(features, tuple(state["image_size"]), align_corners=False)
+        size = tuple(state["image_size"])
+        norm = resize_to(features, size, align_corners=False).norm(dim=1)
         return torch.stack(
-            [self.class_scores(feats, state[c], state[f"{c}_valid"], state[f"{c}_global"]) for c in ("bg", "fg")], dim=1
+            [
+                self.class_scores(features, size, state[c], state[f"{c}_valid"], state[f"{c}_global"], norm)
+                for c in ("bg", "fg")
+            ],
+            dim=1,
         )
 
     def forward(
