@@ -6,6 +6,8 @@ For every method (paper encoder layout, random init, 256^2, 1-shot, batch 1, SGD
   * ``step s``: the method's full training step on the same episode (forward with all its loss terms,
     backward, SGD step);
   * ``ratio``: median over steps of step / floor, each pair measured back to back (goal <= 1.15);
+    beside it the same ratio of the process's CPU time and the fastest step over the fastest floor, both
+    less sensitive to other processes on the machine;
   * ``data %``: building one episode (the episodic dataset with its augmentation, single process) as a
     share of the step (goal < 5 %), when the real scans are found.
 Other processes share the machine, so absolute times fluctuate; the ratio compares timings taken in
@@ -66,10 +68,11 @@ def sgd(params):
     return torch.optim.SGD([p for p in params if p.requires_grad], lr=1e-3, momentum=0.9, weight_decay=5e-4)
 
 
-def timed(fn) -> float:
-    t0 = time.perf_counter()
+def timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one call."""
+    t0, c0 = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def bench_method(name: str, batch: dict, steps: int, warmup: int) -> dict:
@@ -99,9 +102,11 @@ def bench_method(name: str, batch: dict, steps: int, warmup: int) -> dict:
     return {
         "method": name,
         "encoder": type(encoder).__name__,
-        "floor": statistics.median(floors),
-        "step": statistics.median(totals),
-        "ratio": statistics.median(s / f for s, f in zip(totals, floors)),
+        "floor": statistics.median(f[0] for f in floors),
+        "step": statistics.median(s[0] for s in totals),
+        "ratio": statistics.median(s[0] / f[0] for s, f in zip(totals, floors)),
+        "cpu_ratio": statistics.median(s[1] / f[1] for s, f in zip(totals, floors)),
+        "min_ratio": min(s[0] for s in totals) / min(f[0] for f in floors),
     }
 
 
@@ -127,13 +132,13 @@ def main() -> int:
 
     print(f"{args.size}^2, {args.shots}-shot, batch 1, {args.threads} threads, {source}, "
           f"{args.steps} timed steps (+{args.warmup} warm-up) per method")
-    header = "| method | encoder | floor s | step s | ratio (goal <= 1.15) | data % (goal < 5) |"
-    print(header)
-    print("|---|---|---|---|---|---|")
+    print("| method | encoder | floor s | step s | ratio (goal <= 1.15) | CPU-time ratio | fastest / fastest "
+          "| data % (goal < 5) |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in args.methods:
         r = bench_method(name, batch, args.steps, args.warmup)
         data = f"{100 * data_s / r['step']:.1f}" if data_s is not None else "n/a"
-        print(f"| {r['method']} | {r['encoder']} | {r['floor']:.2f} | {r['step']:.2f} | {r['ratio']:.2f} | {data} |",
+        print(f"| {r['method']} | {r['encoder']} | {r['floor']:.2f} | {r['step']:.2f} | {r['ratio']:.2f} | {r['cpu_ratio']:.2f} | {r['min_ratio']:.2f} | {data} |",
               flush=True)
     if data_s is not None:
         print(f"episode build (GroundTruthEpisodeDataset + augmentation, one process): {data_s * 1000:.0f} ms")

@@ -35,10 +35,11 @@ PATHS = ("down2", "down3")
 
 
 def _minmax_sigmoid(x: torch.Tensor) -> torch.Tensor:
-    """sigmoid((x - min) / (max - min)) with min/max over each image's [C, h, w]."""
+    """sigmoid((x - min) / (max - min)) with min/max over each image's [C, h, w] (a constant image gives
+    sigmoid(0) instead of the reference's NaN)."""
     flat = x.flatten(1)
     lo, hi = flat.min(dim=1)[0], flat.max(dim=1)[0]
-    return torch.sigmoid((x - lo.view(-1, 1, 1, 1)) / (hi - lo).view(-1, 1, 1, 1))
+    return torch.sigmoid((x - lo.view(-1, 1, 1, 1)) / (hi - lo).clamp_min(1e-12).view(-1, 1, 1, 1))
 
 
 class QNet(FewShotSegmenter):
