@@ -171,3 +171,40 @@ def test_latest_checkpoint_picks_highest_iteration(tmp_path):
         (tmp_path / name).write_bytes(b"")
     assert latest_checkpoint(tmp_path).endswith("checkpoint_iteration=1000.pt")
     assert checkpoint_iteration("model.pt") is None
+
+
+def test_periodic_validation_runs_the_evaluator_and_logs(chaos_dir, tmp_path):
+    """Every ``interval`` iterations the few-shot evaluator scores the network on held-out scans; the mean Dice
+    reaches ``engine.state.metrics`` and TensorBoard, and the network is back in training mode afterwards."""
+    from ignite.engine import Engine
+
+    from fsmis_monai.engines import FewShotValidation
+
+    class Writer:
+        def __init__(self):
+            self.scalars = []
+
+        def add_scalar(self, tag, value, step):
+            self.scalars.append((tag, value, step))
+
+    from fsmis_monai.io import save_nifti
+
+    for i in (1, 2):  # two real scans cut to a 96 x 96 x 8 window through the liver (fast to evaluate)
+        image, nifti = load_nifti(chaos_dir / f"image_{i}.nii.gz")
+        label, _ = load_nifti(chaos_dir / f"label_{i}.nii.gz")
+        z = int(np.flatnonzero((label == 1).any(axis=(0, 1))).mean())
+        window = (slice(48, 144), slice(80, 176), slice(z - 4, z + 4))
+        save_nifti(tmp_path / f"image_{i}.nii.gz", image[window].astype(np.float32), affine=nifti.affine)
+        save_nifti(tmp_path / f"label_{i}.nii.gz", label[window].astype(np.uint8), affine=nifti.affine)
+    torch.manual_seed(0)
+    net = PrototypeSegmenter(SmallEncoder(channels=16, width=8)).train()
+    writer = Writer()
+    engine = Engine(lambda e, b: None)
+    FewShotValidation(net, tmp_path, interval=2, protocols=["ep1"], summary_writer=writer, device="cpu",
+                      query_ids=[2], support_id=1, classes=[1]).attach(engine)
+    engine.run(range(3), max_epochs=1)
+    dice = engine.state.metrics["val_ep1_mean_dice"]
+    assert 0.0 <= dice <= 1.0
+    assert [(t, s) for t, _, s in writer.scalars] == [("val/ep1/mean_dice", 2), ("val/ep1/liver", 2)]
+    assert writer.scalars[0][1] == pytest.approx(dice)
+    assert net.training
