@@ -342,3 +342,16 @@ def test_upsampled_masked_average_pooling_matches_explicit_upsampling():
     feats, masks = torch.randn(2, 4, 8, 8, generator=g), (torch.rand(2, 64, 64, generator=g) > 0.6).float()
     expected = np.stack([_np_map_upsampled(feats[i], masks[i]) for i in range(2)])
     np.testing.assert_allclose(masked_average_pooling(feats, masks).numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_pretrained_weights_reach_a_given_encoder_module(tmp_path):
+    from fsmis_monai.io import torch_save
+    from fsmis_monai.networks.encoders import build_encoder
+
+    torch.manual_seed(8)
+    source = build_encoder("small")
+    torch_save({"model": {"encoder." + k: v for k, v in source.state_dict().items()}}, tmp_path / "trained.pt")
+    torch.manual_seed(9)
+    model = build_method("adnet", encoder=build_encoder("small"), pretrained_weights=tmp_path / "trained.pt")
+    assert len(model.encoder.weight_report.matched) == len(source.state_dict())
+    assert torch.equal(model.encoder.stem.conv.weight, source.stem.conv.weight)
