@@ -194,23 +194,21 @@ class LSLPN(FewShotSegmenter):
         norm = norm.clamp(min=1e-8)
         units = F.normalize(torch.cat([protos.reshape(-1, c), global_proto[None]]), dim=1)
         numerators = resize_to(torch.einsum("nchw,gc->nghw", features, units), (h, w), align_corners=False)
-        cosines = numerators / norm[:, None]  # [N, G + 1, H, W], last map: the global prototype
-        cell_scores = torch.cat([cosines[:, :-1], cosines.new_zeros(n, 1, h, w)], dim=1)  # extra: "no cell here"
-        valid_flat = torch.cat([valid.reshape(-1), valid.new_zeros(1)])
-        empty = len(ys) * len(xs)
-        best = None
+        empty = len(ys) * len(xs)  # index of the global map, which also stands for "no cell here"
+        cells = []
         for layer_y in _disjoint_layers(ys, ky):
             iy = _layer_index(layer_y, ys, ky, h, features.device)
             for layer_x in _disjoint_layers(xs, kx):
                 ix = _layer_index(layer_x, xs, kx, w, features.device)
                 cell = iy[:, None] * len(xs) + ix[None, :]
-                cell = torch.where((iy[:, None] >= 0) & (ix[None, :] >= 0), cell, torch.full_like(cell, empty))
-                score = self.scale * cell_scores.gather(1, cell.expand(n, 1, h, w))[:, 0]
-                score = score.masked_fill(~valid_flat[cell], float("-inf"))
-                best = score if best is None else torch.maximum(best, score)
+                cells.append(torch.where((iy[:, None] >= 0) & (ix[None, :] >= 0), cell, torch.full_like(cell, empty)))
+        cells = torch.stack(cells)  # [L, H, W]: per layer of disjoint cells, the cell covering each pixel
+        covered = torch.cat([valid.reshape(-1), valid.new_zeros(1)])[cells]
+        scores = self.scale * numerators.gather(1, cells.expand(n, -1, -1, -1)) / norm[:, None]
+        best = scores.masked_fill(~covered, float("-inf")).amax(dim=1)
         if self.faithful:
             return best.clamp(min=-1.0)  # released score map is initialised to -1 before the max
-        return torch.where(torch.isfinite(best), best, self.scale * cosines[:, -1])
+        return torch.where(torch.isfinite(best), best, self.scale * numerators[:, -1] / norm)
 
     def segment(self, query_images: torch.Tensor, state: SupportState) -> torch.Tensor:
         size = tuple(query_images.shape[-2:])
