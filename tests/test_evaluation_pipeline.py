@@ -14,7 +14,9 @@ import torch
 from _evaluation_data import SupportMaskModel, load, ref_assignment, subsampled_scans
 from fsmis_monai.cli import main as fsmis_main
 from fsmis_monai.evaluation import FewShotSliceInferer, evaluate
-from fsmis_monai.evaluation.evaluator import normalize
+from fsmis_monai.data.datalist import pair_scans
+from fsmis_monai.data.registry import get_dataset
+from fsmis_monai.evaluation.evaluator import load_scan, to_channels
 from fsmis_monai.evaluation.report import CSV_COLUMNS, read_per_case_csv
 from fsmis_monai.io import FsmisInputError, torch_save
 from fsmis_monai.networks.methods.prototype import PrototypeSegmenter
@@ -42,9 +44,10 @@ def test_fast_path_equals_naive_per_slice_path(chaos_dir, tmp_path):
              sw_batch_size=4, progress=False, overlay_slices=0)
     fast = np.asarray(nib.load(str(out / "predictions" / "ep1" / str(qid) / f"class_{c}.nii.gz")).dataobj)
 
-    q_img, q_lbl = load(chaos_dir, qid)
-    s_img, s_lbl = load(chaos_dir, sid)
-    q, s = normalize(q_img), normalize(s_img)  # [3, X, Y, Z], the evaluator's own preprocessing
+    _, q_lbl = load(chaos_dir, qid)
+    _, s_lbl = load(chaos_dir, sid)
+    # [3, X, Y, Z] with the evaluator's own loading and normalisation (this test is about the inference path)
+    q, s = (to_channels(load_scan(f, get_dataset("chaos")).image) for f in pair_scans(chaos_dir, ids=(qid, sid)))
     assign, _, _ = ref_assignment("ep1", q_lbl == c, s_lbl == c)
     naive = np.zeros(q_lbl.shape, np.uint8)
     naive_logits = {}

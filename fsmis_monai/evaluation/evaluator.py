@@ -20,16 +20,16 @@ from typing import Any, Literal, Optional, Sequence
 
 import numpy as np
 import torch
-from monai.transforms import NormalizeIntensity, RepeatChannel
 from tqdm.auto import tqdm
 
 from fsmis_monai.data.datalist import ScanFiles, pair_scans
 from fsmis_monai.data.registry import DatasetDescriptor, get_dataset, get_fold
+from fsmis_monai.data.volumes import IntensityStats, intensity_stats, load_volumes
 from fsmis_monai.evaluation.inferer import FewShotSliceInferer
 from fsmis_monai.evaluation.metrics import CaseResult, case_status, confusion_counts, dice_from_counts, summarize_cases
 from fsmis_monai.evaluation.protocols import ProtocolPlan, SupportGroup, check_protocols, make_plan, merge_requests
 from fsmis_monai.evaluation.report import box_plot, overlay_png, write_per_case_csv, write_summary
-from fsmis_monai.io import FsmisInputError, load_nifti, read_json, save_nifti, write_json
+from fsmis_monai.io import FsmisInputError, read_json, save_nifti, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -39,73 +39,40 @@ DEFAULT_PROTOCOLS = ("ep1", "whole")
 
 @dataclass
 class Scan:
-    """A loaded scan: image [X, Y, Z] float32, canonical label [X, Y, Z] int16, the NIfTI it came from."""
+    """A scan ready for evaluation: normalised image and canonical label [X, Y, Z] (slice z = ``[..., z]``,
+    NIfTI / MONAI ``LoadImage`` order), and the affine its predictions are written with."""
 
     scan_id: int
     image: np.ndarray
     label: np.ndarray
-    nifti: Any
+    affine: np.ndarray
     path: Path
 
 
-def load_scan(files: ScanFiles, desc: DatasetDescriptor) -> Scan:
-    """Read image and label, check that they match and map raw label values to the canonical ids."""
-    image, img = load_nifti(files.image, dtype=np.float32)
-    if files.label is None:
-        raise FsmisInputError(f"{files.image}: no label file; evaluation needs label_{files.scan_id}")
-    raw, _ = load_nifti(files.label)
-    if image.ndim != 3 or raw.shape != image.shape:
-        raise FsmisInputError(
-            f"{files.label}: label shape {raw.shape} does not match image shape {image.shape} (3D volumes expected)")
-    if not np.isfinite(image).all():
-        raise FsmisInputError(f"{files.image}: image holds NaN or Inf voxels")
-    values = np.unique(raw)
-    unknown = [v for v in values.tolist() if v not in desc.raw_label_map]
-    if unknown:
-        raise FsmisInputError(f"{files.label}: label values {unknown} are not in the {desc.key} label map "
-                              f"{dict(desc.raw_label_map)}")
-    label = np.zeros(raw.shape, np.int16)
-    for v in values.tolist():
-        label[raw == v] = desc.raw_label_map[v]
-    return Scan(files.scan_id, image, label, img, Path(files.image))
-
-
-def normalize(image: np.ndarray, mode: Normalization = "volume", stats: Optional[tuple[float, float]] = None) -> torch.Tensor:
-    """Intensity normalisation of the Q-Net family (methods.md 1.6) and 3-channel repeat: [X,Y,Z] -> [3,X,Y,Z].
+def load_scan(files: ScanFiles, desc: DatasetDescriptor, normalization: Normalization = "volume",
+              stats: Optional[IntensityStats] = None) -> Scan:
+    """Read, check, remap and normalise a scan with the data layer's loader (the same as training uses).
 
     ``volume``: z-score over the whole scan (ADNet, Q-Net, GMRD, PAMI, DIFD; SSL-ALPNet on MR);
-    ``global``: z-score with fixed ``stats`` = (mean, std), e.g. of the training scans (SSL-ALPNet on CT);
-    ``slice_minmax``: each slice scaled to [0, 1] (LSLPN); ``none``: unchanged.
+    ``global``: z-score with the training scans' ``stats`` (SSL-ALPNet on CT); ``slice_minmax``: each slice
+    scaled to [0, 1] (LSLPN); ``none``: stored intensities.
     """
-    x = torch.as_tensor(np.ascontiguousarray(image), dtype=torch.float32)[None]
-    if mode == "volume":
-        x = NormalizeIntensity()(x)
-    elif mode == "global":
-        if stats is None:
-            raise ValueError("normalization='global' needs stats=(mean, std)")
-        x = NormalizeIntensity(subtrahend=float(stats[0]), divisor=float(stats[1]))(x)
-    elif mode == "slice_minmax":
-        lo = x.amin(dim=(1, 2), keepdim=True)
-        hi = x.amax(dim=(1, 2), keepdim=True)
-        x = (x - lo) / (hi - lo).clamp_min(1e-8)
-    elif mode != "none":
-        raise ValueError(f"unknown normalization {mode!r}; use volume, global, slice_minmax or none")
-    x = RepeatChannel(3)(x)
-    return x.as_tensor() if hasattr(x, "as_tensor") else x  # plain tensor: no MetaTensor bookkeeping per slice
+    if files.label is None:
+        raise FsmisInputError(f"{files.image}: no label file; evaluation needs label_{files.scan_id}")
+    if normalization not in ("volume", "global", "slice_minmax", "none"):
+        raise ValueError(f"unknown normalization {normalization!r}; use volume, global, slice_minmax or none")
+    base = "none" if normalization == "slice_minmax" else normalization
+    vol = load_volumes([files], desc, normalization=base, stats=stats)[0]
+    image = vol.image.transpose(1, 2, 0)  # [Z, X, Y] -> [X, Y, Z] view
+    if normalization == "slice_minmax":
+        lo, hi = image.min(axis=(0, 1)), image.max(axis=(0, 1))
+        image = ((image - lo) / np.maximum(hi - lo, 1e-8)).astype(np.float32)
+    return Scan(files.scan_id, image, vol.label.transpose(1, 2, 0), vol.affine, Path(files.image))
 
 
-def global_statistics(files: Sequence[ScanFiles]) -> tuple[float, float]:
-    """Mean and standard deviation over every voxel of ``files`` (the training scans of a fold)."""
-    total, total_sq, count = 0.0, 0.0, 0
-    for f in files:
-        img, _ = load_nifti(f.image, dtype=np.float64)
-        total += float(img.sum())
-        total_sq += float(np.square(img).sum())
-        count += img.size
-    if count == 0:
-        raise FsmisInputError("global normalisation: no training scans to compute statistics from")
-    mean = total / count
-    return mean, float(np.sqrt(max(total_sq / count - mean * mean, 0.0)))
+def to_channels(image: np.ndarray) -> torch.Tensor:
+    """[X, Y, Z] -> [3, X, Y, Z]: single-channel slices repeated to 3 channels (methods.md 1.6)."""
+    return torch.as_tensor(np.ascontiguousarray(image), dtype=torch.float32)[None].expand(3, -1, -1, -1)
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -131,13 +98,19 @@ def predict_pass(
     support_mask: np.ndarray,
     requests: dict[SupportGroup, list[int]],
     on_batch=None,
+    states: Optional[dict[SupportGroup, Any]] = None,
 ) -> dict[SupportGroup, dict[int, np.ndarray]]:
-    """The shared pass: for each support group, encode it once and segment its query slices (argmax)."""
+    """The shared pass: for each support group, encode it once and segment its query slices (argmax).
+
+    ``states`` caches the encoded support groups of one (support scan, class) across query scans: the
+    support slices a protocol picks depend only on the support scan, so a fold encodes each group once.
+    """
+    states = {} if states is None else states
     out: dict[SupportGroup, dict[int, np.ndarray]] = {}
     for group, zs in requests.items():
-        images, masks = _support_tensors(support_image, support_mask, group)
-        state = inferer.encode(model, images, masks)
-        logits = inferer(model, query_image[..., zs], state, on_batch=on_batch)  # [2, X, Y, n]
+        if group not in states:
+            states[group] = inferer.encode(model, *_support_tensors(support_image, support_mask, group))
+        logits = inferer(model, query_image[..., zs], states[group], on_batch=on_batch)  # [2, X, Y, n]
         labels = (logits[1] > logits[0]).numpy()  # argmax over (bg, fg); a tie goes to background like argmax
         out[group] = {z: labels[..., i] for i, z in enumerate(zs)}
     return out
@@ -187,6 +160,7 @@ class FewShotEvaluator:
         overlay_slices: int = 3,
         resume: bool = True,
         progress: bool = True,
+        cache_support: bool = True,
     ) -> None:
         self.desc = get_dataset(dataset)
         self.dataset_dir = Path(dataset_dir)
@@ -208,6 +182,7 @@ class FewShotEvaluator:
         self.overlay_slices = overlay_slices if self.output_dir is not None else 0
         self.resume = resume
         self.progress = progress
+        self.cache_support = cache_support
 
     # ------------------------------------------------------------------------------------ setup
 
@@ -260,19 +235,20 @@ class FewShotEvaluator:
             support_id, query_ids, train_ids = setups[f]
             fold_dir = None if self.output_dir is None else (
                 self.output_dir if len(folds) == 1 else self.output_dir / f"fold_{f}")
-            stats = self.global_stats
+            stats = None if self.global_stats is None else IntensityStats(*map(float, self.global_stats))
             if self.normalization == "global" and stats is None:
-                stats = global_statistics([files[i] for i in train_ids])
-            support = load_scan(files[support_id], self.desc)
-            support_image = normalize(support.image, self.normalization, stats)
+                stats = intensity_stats([files[i] for i in train_ids])
+            support = load_scan(files[support_id], self.desc, self.normalization, stats)
+            support_image = to_channels(support.image)
+            self._states: dict[int, dict] = {c: {} for c in self.classes}  # encoded support groups per class
             fold_cases: list[CaseResult] = []
             for n, qid in enumerate(query_ids):
                 cached = self._cached(f, qid)
                 if cached is not None:
                     fold_cases += cached
                     continue
-                query = load_scan(files[qid], self.desc)
-                rows = self._evaluate_query(f, query, support, support_image, stats, fold_dir, overlays=(n == 0))
+                query = load_scan(files[qid], self.desc, self.normalization, stats)
+                rows = self._evaluate_query(f, query, support, support_image, fold_dir, overlays=(n == 0))
                 self._cache(f, qid, rows)
                 fold_cases += rows
             if fold_dir is not None and len(folds) > 1:
@@ -307,8 +283,8 @@ class FewShotEvaluator:
             write_json(path, {"rows": [r.as_row() for r in rows]})
 
     def _evaluate_query(self, fold: int, query: Scan, support: Scan, support_image: torch.Tensor,
-                        stats, out_dir: Optional[Path], overlays: bool) -> list[CaseResult]:
-        query_image = normalize(query.image, self.normalization, stats)
+                        out_dir: Optional[Path], overlays: bool) -> list[CaseResult]:
+        query_image = to_channels(query.image)
         plans: dict[int, dict[str, ProtocolPlan]] = {}
         requests: dict[int, dict[SupportGroup, list[int]]] = {}
         for c in self.classes:
@@ -321,7 +297,8 @@ class FewShotEvaluator:
                   disable=not self.progress, leave=False) as bar:
             for c in self.classes:
                 preds = predict_pass(self.model, self.inferer, query_image, support_image, support.label == c,
-                                     requests[c], on_batch=bar.update)
+                                     requests[c], on_batch=bar.update,
+                                     states=self._states[c] if self.cache_support else None)
                 truth = query.label == c
                 written: dict[bytes, Path] = {}
                 volumes = {}
@@ -339,7 +316,7 @@ class FewShotEvaluator:
                         if key in written:  # protocols that share the whole prediction share the file
                             _link_or_copy(written[key], path)
                         else:
-                            save_nifti(path, vol, affine=query.nifti.affine, header=query.nifti.header, dtype=np.uint8)
+                            save_nifti(path, vol, affine=query.affine, dtype=np.uint8)
                             written[key] = path
                 if overlays and self.overlay_slices and out_dir is not None:
                     self._overlays(out_dir, fold, query, c, truth, volumes)
@@ -379,7 +356,8 @@ def evaluate(
     (several folds: one ``fold_<k>/`` folder each plus the aggregate) and resumes an interrupted run.
     Further options: see :class:`FewShotEvaluator` (``classes``, ``query_ids``, ``support_id``,
     ``normalization``, ``global_stats``, ``faithful``, ``protocol_options``, ``save_predictions``,
-    ``overlay_slices``, ``resume``, ``progress``).
+    ``overlay_slices``, ``resume``, ``progress``, ``cache_support``: keep each fold's encoded support
+    groups for all its query scans; turn off for methods whose support state is large).
     """
     evaluator = FewShotEvaluator(model, dataset_dir, dataset=dataset, family=family, protocols=protocols,
                                  output_dir=output_dir, device=device, sw_batch_size=sw_batch_size, **options)
