@@ -109,3 +109,24 @@ def test_empty_ground_truth_is_reported(cmr_dir, tmp_path):
         fold = summary["folds"]["0"][p]["classes"]["3"]
         assert (fold["n"], fold["n_empty"]) == (1, 1)
     assert "no ground truth on the scored slices" in (out / "summary.md").read_text()
+
+
+def test_summary_means_over_scans_classes_and_folds():
+    """Class Dice = mean over query scans, protocol Dice = mean over classes, folds: mean and std of those."""
+    from fsmis_monai.evaluation.metrics import CaseResult, summarize_cases
+
+    rng = np.random.default_rng(0)
+    dice = {(f, q, c): float(rng.uniform(0.2, 0.9)) for f in (0, 1) for q in (1, 2, 3) for c in (1, 4)}
+    cases = [CaseResult(f, q, 9, c, f"c{c}", "ep1", d, 1, 1, 1, 3, 3, "ok") for (f, q, c), d in dice.items()]
+    cases.append(CaseResult(1, 5, 9, 4, "c4", "ep1", float("nan"), 0, 7, 0, 30, 30, "empty_ground_truth"))
+    s = summarize_cases(cases)
+    fold_means = []
+    for f in (0, 1):
+        cls = [np.mean([dice[(f, q, c)] for q in (1, 2, 3)]) for c in (1, 4)]
+        assert s["folds"][str(f)]["ep1"]["mean"] == pytest.approx(np.mean(cls), abs=1e-12)
+        fold_means.append(np.mean(cls))
+    assert s["protocols"]["ep1"]["mean"] == pytest.approx(np.mean(fold_means), abs=1e-12)
+    assert s["protocols"]["ep1"]["std_over_folds"] == pytest.approx(np.std(fold_means), abs=1e-12)
+    c4 = [np.mean([dice[(f, q, 4)] for q in (1, 2, 3)]) for f in (0, 1)]
+    assert s["protocols"]["ep1"]["classes"]["4"]["std_over_folds"] == pytest.approx(np.std(c4), abs=1e-12)
+    assert s["folds"]["1"]["ep1"]["classes"]["4"]["n_empty"] == 1 and s["protocols"]["ep1"]["n_empty"] == 1

@@ -23,6 +23,9 @@ Protocols (``../shared/reference/methods.md`` section 3; z is the last array axi
   support slice whose relative position in the support scan, ``s / (Z_s - 1)``, is nearest to
   ``z / (Z_q - 1)``. This is the number a user segmenting a new scan gets.
 
+A query scan without the class gives the oracle protocols (``alp``, ``ep1``, ``senet``) nothing to predict
+or score (the references crash there); the evaluator reports such cases as empty ground truth.
+
 ``faithful=True`` reproduces the released reference behaviour where it is a bug (methods.md 8.17): the
 SENet organ range drops the scan's last slice and the last organ slice, an empty support chunk is an error
 and Dice is smoothed by 0.001. The default (corrected) keeps the full organ range, falls back to the
