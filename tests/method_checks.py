@@ -89,6 +89,10 @@ def check_training_step(model, ep, expected_losses, own_modules) -> None:
         grads = [g for g in grads if g is not None]
         assert grads and all(torch.isfinite(g).all() for g in grads), type(module).__name__
         assert sum(float(g.abs().sum()) for g in grads) > 0, type(module).__name__
+    # a batch of two 2-shot episodes: same loss terms, all finite
+    out = run(model, two_by_two(ep))
+    assert out["logits"].shape == (2, 2, h, w) and set(out["losses"]) == set(expected_losses)
+    assert torch.isfinite(model.total_loss(out))
 
 
 def check_deterministic(factory: Callable[[], torch.nn.Module], ep) -> None:
@@ -105,14 +109,35 @@ def check_deterministic(factory: Callable[[], torch.nn.Module], ep) -> None:
     assert outs[0][1] == outs[1][1]
 
 
+def two_by_two(ep) -> Dict[str, torch.Tensor]:
+    """A batch of 2 two-shot episodes from the real one: shots = (slice, its mirror image); the second
+    episode is the first rotated by 90 degrees."""
+    flip = lambda x: torch.flip(x, dims=(-1,))  # noqa: E731
+    rot = lambda x: torch.rot90(x, 1, dims=(-2, -1))  # noqa: E731
+    s_img = torch.cat([ep["support_images"], flip(ep["support_images"])], dim=1)
+    s_mask = torch.cat([ep["support_masks"], flip(ep["support_masks"])], dim=1)
+    return {
+        "support_images": torch.cat([s_img, rot(s_img)]),
+        "support_masks": torch.cat([s_mask, rot(s_mask)]),
+        "query_images": torch.cat([ep["query_images"], rot(ep["query_images"])]),
+        "query_labels": torch.cat([ep["query_labels"], rot(ep["query_labels"])]),
+    }
+
+
 def check_segment_matches_forward(model, ep, atol: float = 1e-4) -> torch.Tensor:
-    """In eval mode, encode_support + segment gives the forward logits; returns them."""
+    """In eval mode, encode_support + segment gives the forward logits, episode by episode, for one 1-shot
+    episode and for a batch of two 2-shot episodes; returns the 1-shot logits."""
     model.eval()
     with torch.no_grad():
-        logits = run(model, ep, labels=False)["logits"]
-        state = model.encode_support(ep["support_images"][0], ep["support_masks"][0])
-        torch.testing.assert_close(model.segment(ep["query_images"], state), logits, rtol=0, atol=atol)
-    return logits
+        for batch in (ep, two_by_two(ep)):
+            logits = run(model, batch, labels=False)["logits"]
+            for i in range(len(logits)):
+                state = model.encode_support(batch["support_images"][i], batch["support_masks"][i])
+                segmented = model.segment(batch["query_images"][i : i + 1], state)
+                torch.testing.assert_close(segmented, logits[i : i + 1], rtol=0, atol=atol)
+            if batch is ep:
+                single = logits
+    return single
 
 
 def dice(logits: torch.Tensor, labels: torch.Tensor) -> float:
