@@ -148,7 +148,7 @@ def test_freeze_command_writes_a_bundle_monai_can_check_export_and_run(tiny_scan
                 use_trace=True, input_shape=[1, 3, 64, 64], **common)
     with torch.no_grad():
         torch.testing.assert_close(torch.jit.load(str(tmp_path / "model.ts"))(queries), eager, atol=1e-5, rtol=0)
-    onnx = pytest.importorskip("onnx", reason="ONNX export needs the optional 'onnx' package (extra 'export')")
+    import onnx  # extras "export" and "dev"
     from onnx.reference import ReferenceEvaluator
 
     onnx_export(net_id="network_def", filepath=str(tmp_path / "model.onnx"), ckpt_file=str(out / "models" / "model.pt"),
