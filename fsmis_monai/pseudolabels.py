@@ -95,6 +95,7 @@ def felzenszwalb_3d(
     scale: float = 1.0,
     sigma: float = 0.0,
     min_size: int = 20,
+    faithful: bool = False,
 ) -> np.ndarray:
     """Felzenszwalb-Huttenlocher segmentation of a 3D volume over the 26-neighbourhood.
 
@@ -104,6 +105,8 @@ def felzenszwalb_3d(
         scale: merge scale; ``k = scale / 255`` as in scikit-image's 2D version.
         sigma: Gaussian pre-smoothing in spacing units (``sigma / spacing`` voxels per axis); 0 = none.
         min_size: components smaller than this are merged into a neighbour afterwards.
+        faithful: order tied edges as NumPy 1.x's unstable ``argsort`` does (the published supervoxels
+            were made so; with it they are reproduced bit for bit). Slower: a comparison sort.
 
     Returns:
         int32 labels ``0..n-1`` numbered by each component's first voxel in C order.
@@ -128,7 +131,8 @@ def felzenszwalb_3d(
         from scipy import ndimage
 
         vol = ndimage.gaussian_filter(vol, sigma=sigma / np.asarray(spacing, dtype=np.float64))
-    return _felzenszwalb3d.segment(np.ascontiguousarray(vol), weights, float(scale) / 255.0, int(min_size))
+    return _felzenszwalb3d.segment(np.ascontiguousarray(vol), weights, float(scale) / 255.0, int(min_size),
+                                   numpy1_order=bool(faithful))
 
 
 def body_mask_2d(slice_2d: np.ndarray, threshold: float) -> np.ndarray:
@@ -170,6 +174,7 @@ def make_supervoxels(
     sigma: float = 0.0,
     body_threshold: float = SUPERVOXEL_BODY_THRESHOLD,
     renumber: bool = False,
+    faithful: bool = False,
 ) -> np.ndarray:
     """ADNet-style supervoxels of an ``(x, y, z)`` image with ``spacing = (sx, sy, sz)``; int32 ``(x, y, z)``.
 
@@ -178,9 +183,11 @@ def make_supervoxels(
     volume), component 0 moved to ``max + 1`` so none is lost, voxels outside the body set to 0.
     ``min_size`` is 5000 for CHAOS and Synapse, 1000 for CMR.
 
-    Corrections: the edge sort is stable (same output everywhere); a constant volume gives all-background
-    instead of the reference's division by zero; ``renumber=True`` maps the surviving ids to 1..K
-    (the reference leaves gaps where a supervoxel lies wholly outside the body).
+    Corrections: the edge sort is stable (same output everywhere, whatever the NumPy build); a constant
+    volume gives all-background instead of the reference's division by zero; ``renumber=True`` maps the
+    surviving ids to 1..K (the reference leaves gaps where a supervoxel lies wholly outside the body).
+    ``faithful=True`` orders tied edges as NumPy 1.x's ``argsort`` did for the released files, which it
+    then reproduces bit for bit (checked on all 55 CHAOS / CMR scans published with Q-Net).
     """
     img = _check_volume(image, 3, "make_supervoxels")
     sp = _check_spacing(spacing, 3, "make_supervoxels")
@@ -191,7 +198,7 @@ def make_supervoxels(
     zyx = np.ascontiguousarray(rescaled.transpose(2, 1, 0))
     # the reference reads pixdim through ITK as the float32's shortest decimal string ("7.7", not 7.69999981)
     sz, sx, sy = (float(str(np.float32(v))) for v in (sp[2], sp[0], sp[1]))
-    seg = felzenszwalb_3d(zyx, spacing=(sz, sx, sy), scale=scale, sigma=sigma, min_size=min_size)
+    seg = felzenszwalb_3d(zyx, spacing=(sz, sx, sy), scale=scale, sigma=sigma, min_size=min_size, faithful=faithful)
     seg = seg.transpose(2, 1, 0)
     seg[seg == 0] = seg.max() + 1
     seg[~body_mask_volume(rescaled, body_threshold)] = 0
@@ -246,11 +253,10 @@ def make_superpixels(
     """
     from skimage.segmentation import felzenszwalb
 
-    vol = _check_volume(volume, 3, "make_superpixels")
+    zyx = np.ascontiguousarray(_check_volume(volume, 3, "make_superpixels").transpose(2, 1, 0))
     relabel = _relabel_faithful if faithful else _relabel_corrected
-    out = np.zeros(vol.shape, dtype=np.int32)
-    for z in range(vol.shape[2]):
-        slice_yx = vol[:, :, z].T
+    out = np.zeros(zyx.shape, dtype=np.int32)
+    for z, slice_yx in enumerate(zyx):  # contiguous (y, x) slices, as the reference's SimpleITK arrays
         raw = felzenszwalb(slice_yx, scale=scale, sigma=sigma, min_size=min_size)
-        out[:, :, z] = relabel(raw, body_mask_2d(slice_yx, body_threshold)).T
-    return out
+        out[z] = relabel(raw, body_mask_2d(slice_yx, body_threshold))
+    return np.ascontiguousarray(out.transpose(2, 1, 0))

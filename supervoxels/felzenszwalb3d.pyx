@@ -118,17 +118,21 @@ cdef inline void _prefetch_edge(Grid* g, Node* nodes, uint64_t word) noexcept no
     __builtin_prefetch(&nodes[q])
 
 
-cdef int64_t _edges_hashed(const double* vol, Grid* g, const double* w, uint64_t* words, uint64_t* keys,
-                           int64_t* counts, int64_t capacity, int64_t max_distinct) noexcept nogil:
-    """Write every edge in id order as ``(hash slot of its cost << 32) | id``; return the number of distinct
-    costs, or -1 once there are more than ``max_distinct``."""
+cdef int64_t _edges(const double* vol, Grid* g, const double* w, uint64_t* words, uint64_t* keys,
+                    int64_t* counts, int64_t capacity, int64_t max_distinct, double* costs) noexcept nogil:
+    """Write every edge in id order.
+
+    With ``costs == NULL``: ``words[i] = (hash slot of its cost << 32) | id``, counting each distinct cost;
+    returns the number of distinct costs, or -1 once there are more than ``max_distinct``. Otherwise
+    (fallback path): ``words[i] = id`` and ``costs[i]`` = its cost; returns 0.
+    """
     cdef uint64_t golden = (<uint64_t>0x9E3779B9 << 32) | <uint64_t>0x7F4A7C15
     cdef uint64_t mask = <uint64_t>(capacity - 1), h, bits
     cdef int shift = 64
     cdef int64_t distinct = 0, i = 0
     cdef Py_ssize_t z, y, x, p, y0, y1, x0, x1
     cdef int d
-    cdef double diff
+    cdef double diff, cost
     while (<int64_t>1 << (64 - shift)) < capacity:
         shift -= 1
     for d in range(NDIR):
@@ -141,45 +145,166 @@ cdef int64_t _edges_hashed(const double* vol, Grid* g, const double* w, uint64_t
                 p = (z * g.ny + y) * g.nx + x0
                 for x in range(x0, x1):
                     diff = vol[p + g.lin[d]] - vol[p]
-                    bits = _bits(sqrt(w[d] * (diff * diff)))
-                    h = (bits * golden) >> shift
-                    while keys[h] != bits and keys[h] != EMPTY:
-                        h = (h + 1) & mask
-                    if keys[h] == EMPTY:
-                        if distinct == max_distinct:
-                            return -1
-                        keys[h] = bits
-                        distinct += 1
-                    counts[h] += 1
-                    words[i] = (h << 32) | <uint64_t>(d * g.n + p)
+                    cost = sqrt(w[d] * (diff * diff))
+                    if costs != NULL:
+                        costs[i] = cost
+                        words[i] = <uint64_t>(d * g.n + p)
+                    else:
+                        bits = _bits(cost)
+                        h = (bits * golden) >> shift
+                        while keys[h] != bits and keys[h] != EMPTY:
+                            h = (h + 1) & mask
+                        if keys[h] == EMPTY:
+                            if distinct == max_distinct:
+                                return -1
+                            keys[h] = bits
+                            distinct += 1
+                        counts[h] += 1
+                        words[i] = (h << 32) | <uint64_t>(d * g.n + p)
                     i += 1
                     p += 1
     return distinct
 
 
-cdef void _edge_costs(const double* vol, Grid* g, const double* w, double* costs, uint64_t* words) noexcept nogil:
-    """Fallback path: every edge's cost and id, in id order."""
-    cdef int64_t i = 0
-    cdef Py_ssize_t z, y, x, p, y0, y1, x0, x1
-    cdef int d
-    cdef double diff
-    for d in range(NDIR):
-        y0 = 1 if g.dy[d] < 0 else 0
-        y1 = g.ny - (1 if g.dy[d] > 0 else 0)
-        x0 = 1 if g.dx[d] < 0 else 0
-        x1 = g.nx - (1 if g.dx[d] > 0 else 0)
-        for z in range(g.nz - g.dz[d]):
-            for y in range(y0, y1):
-                p = (z * g.ny + y) * g.nx + x0
-                for x in range(x0, x1):
-                    diff = vol[p + g.lin[d]] - vol[p]
-                    costs[i] = sqrt(w[d] * (diff * diff))
-                    words[i] = <uint64_t>(d * g.n + p)
-                    i += 1
-                    p += 1
+DEF SMALL_QUICKSORT = 15
+DEF QS_STACK = 128
 
 
-cdef void _rank_in_order(const uint64_t* ids, uint64_t* dst, const int64_t* order, int64_t m) noexcept nogil:
+cdef void _heapsort_positions(const double* v, int32_t* tosort, int64_t n) noexcept nogil:
+    """Heapsort of positions by value (the introsort's fallback when it recurses too deep)."""
+    cdef int32_t* a = tosort - 1  # 1-based heap
+    cdef int64_t i, j, l
+    cdef int32_t tmp
+    l = n >> 1
+    while l > 0:
+        tmp = a[l]
+        i = l
+        j = l << 1
+        while j <= n:
+            if j < n and v[a[j]] < v[a[j + 1]]:
+                j += 1
+            if v[tmp] < v[a[j]]:
+                a[i] = a[j]
+                i = j
+                j += j
+            else:
+                break
+        a[i] = tmp
+        l -= 1
+    while n > 1:
+        tmp = a[n]
+        a[n] = a[1]
+        n -= 1
+        i = 1
+        j = 2
+        while j <= n:
+            if j < n and v[a[j]] < v[a[j + 1]]:
+                j += 1
+            if v[tmp] < v[a[j]]:
+                a[i] = a[j]
+                i = j
+                j += j
+            else:
+                break
+        a[i] = tmp
+
+
+cdef inline void _swap(int32_t* a, int64_t i, int64_t j) noexcept nogil:
+    cdef int32_t t = a[i]
+    a[i] = a[j]
+    a[j] = t
+
+
+cdef void _introsort_positions(const double* v, int32_t* a, int64_t num, int depth_limit) noexcept nogil:
+    """Unstable argsort with the tie order of NumPy 1.x's default ``argsort`` for float64 (introsort:
+    median-of-3 quicksort, insertion sort below 16 elements, heapsort past 2*log2(n) levels).
+
+    The published supervoxels were made with it: with this order our merge reproduces them bit for bit.
+    """
+    cdef int64_t pl = 0, pr = num - 1, pm, pi, pj, pk, sp = 0
+    cdef int64_t stack[QS_STACK]
+    cdef int depths[QS_STACK]
+    cdef int cdepth = depth_limit
+    cdef int64_t u = num
+    cdef int32_t vi
+    cdef double vp
+    if cdepth < 0:
+        cdepth = 0
+        while u > 1:
+            u >>= 1
+            cdepth += 1
+        cdepth *= 2
+    while True:
+        if cdepth < 0:
+            _heapsort_positions(v, a + pl, pr - pl + 1)
+        else:
+            while pr - pl > SMALL_QUICKSORT:
+                pm = pl + ((pr - pl) >> 1)
+                if v[a[pm]] < v[a[pl]]:
+                    _swap(a, pm, pl)
+                if v[a[pr]] < v[a[pm]]:
+                    _swap(a, pr, pm)
+                if v[a[pm]] < v[a[pl]]:
+                    _swap(a, pm, pl)
+                vp = v[a[pm]]
+                pi = pl
+                pj = pr - 1
+                _swap(a, pm, pj)
+                while True:
+                    pi += 1
+                    while v[a[pi]] < vp:
+                        pi += 1
+                    pj -= 1
+                    while vp < v[a[pj]]:
+                        pj -= 1
+                    if pi >= pj:
+                        break
+                    _swap(a, pi, pj)
+                pk = pr - 1
+                _swap(a, pi, pk)
+                # push the larger side, continue with the smaller one
+                if pi - pl < pr - pi:
+                    stack[sp] = pi + 1
+                    stack[sp + 1] = pr
+                    pr = pi - 1
+                else:
+                    stack[sp] = pl
+                    stack[sp + 1] = pi - 1
+                    pl = pi + 1
+                cdepth -= 1
+                depths[sp >> 1] = cdepth
+                sp += 2
+            pi = pl + 1
+            while pi <= pr:  # insertion sort
+                vi = a[pi]
+                vp = v[vi]
+                pj = pi
+                pk = pi - 1
+                while pj > pl and vp < v[a[pk]]:
+                    a[pj] = a[pk]
+                    pj -= 1
+                    pk -= 1
+                a[pj] = vi
+                pi += 1
+        if sp == 0:
+            break
+        sp -= 2
+        pl = stack[sp]
+        pr = stack[sp + 1]
+        cdepth = depths[sp >> 1]
+
+
+def numpy1_argsort(const double[::1] values, int depth_limit=-1):
+    """int32 positions sorting ``values`` in NumPy 1.x ``argsort`` order (``depth_limit`` < 0: 2*log2(n))."""
+    order = np.arange(values.shape[0], dtype=np.int32)
+    cdef int32_t[::1] o = order
+    if values.shape[0] > 1:
+        with nogil:
+            _introsort_positions(&values[0], &o[0], values.shape[0], depth_limit)
+    return order
+
+
+cdef void _rank_in_order(const uint64_t* ids, uint64_t* dst, const int32_t* order, int64_t m) noexcept nogil:
     """Fallback path: ``dst[j] = (j << 32) | ids[order[j]]``."""
     cdef int64_t j
     for j in range(m):
@@ -299,11 +424,13 @@ cdef _merge_into(uint64_t* edges, int64_t m, Grid* g, const double* cost_of_rank
 
 
 def sorted_edges(const double[:, :, ::1] volume, const double[::1] weights,
-                 Py_ssize_t max_distinct=DEFAULT_MAX_DISTINCT):
-    """Edges sorted stably by exact cost: ``(words, cost_of_rank)`` with ``words[i] = rank << 32 | id``.
+                 Py_ssize_t max_distinct=DEFAULT_MAX_DISTINCT, bint numpy1_order=False):
+    """Edges in merge order: ``(words, cost_of_rank)`` with ``words[i] = rank << 32 | id``.
 
-    Counting sort over the distinct costs when there are at most ``max_distinct`` of them, otherwise
-    ``np.argsort(kind="stable")`` of the float64 costs (same order, more memory and time).
+    Default: stable by exact cost, by a counting sort over the distinct costs when there are at most
+    ``max_distinct`` of them, otherwise by ``np.argsort(kind="stable")`` (same order, more memory and time).
+    ``numpy1_order=True``: the (unstable) order of NumPy 1.x's default ``argsort`` of the costs listed in
+    id order, which is how the published supervoxels were made.
     """
     cdef Grid g = _grid(volume.shape[0], volume.shape[1], volume.shape[2])
     cdef double w[NDIR]
@@ -316,31 +443,39 @@ def sorted_edges(const double[:, :, ::1] volume, const double[::1] weights,
         w[d] = weights[d]
     cdef int64_t m = _num_edges(&g)
     cdef int64_t capacity = 16, distinct = -1
-    while capacity < 2 * max_distinct:
+    while capacity < 2 * max_distinct and not numpy1_order:
         capacity *= 2
     cdef cnp.ndarray words = np.empty(m, dtype=np.uint64)
+    if g.n == 0 or m == 0:
+        return words, np.zeros(0, dtype=np.float64)
     cdef cnp.ndarray keys = np.full(capacity, EMPTY, dtype=np.uint64)
     cdef cnp.ndarray counts = np.zeros(capacity, dtype=np.int64)
     cdef uint64_t* pw = <uint64_t*>cnp.PyArray_DATA(words)
     cdef uint64_t* pk = <uint64_t*>cnp.PyArray_DATA(keys)
     cdef int64_t* pn = <int64_t*>cnp.PyArray_DATA(counts)
     cdef double* pcost
-    if g.n > 0 and max_distinct > 0:
+    cdef int32_t* porder
+    cdef uint64_t* pranked
+    if max_distinct > 0 and not numpy1_order:
         with nogil:
-            distinct = _edges_hashed(&volume[0, 0, 0], &g, w, pw, pk, pn, capacity, max_distinct)
-    if g.n == 0 or m == 0:
-        return words, np.zeros(0, dtype=np.float64)
-    if distinct < 0:  # too many distinct costs for the counting sort: stable comparison sort
+            distinct = _edges(&volume[0, 0, 0], &g, w, pw, pk, pn, capacity, max_distinct, NULL)
+    if distinct < 0:  # comparison sort of the costs listed in id order
         keys = counts = None
         costs = np.empty(m, dtype=np.float64)
         pcost = <double*>cnp.PyArray_DATA(costs)
         with nogil:
-            _edge_costs(&volume[0, 0, 0], &g, w, pcost, pw)
-        order = np.argsort(costs, kind="stable")
+            _edges(&volume[0, 0, 0], &g, w, pw, NULL, NULL, 0, 0, pcost)
+        if numpy1_order:
+            order = numpy1_argsort(costs)
+        else:
+            order = np.argsort(costs, kind="stable").astype(np.int32)
         cost_of_rank = costs[order]
         costs = None
         ranked = np.empty(m, dtype=np.uint64)
-        _rank_in_order(pw, <uint64_t*>cnp.PyArray_DATA(ranked), <int64_t*>cnp.PyArray_DATA(order), m)
+        porder = <int32_t*>cnp.PyArray_DATA(order)
+        pranked = <uint64_t*>cnp.PyArray_DATA(ranked)
+        with nogil:
+            _rank_in_order(pw, pranked, porder, m)
         return ranked, cost_of_rank
     slots = np.flatnonzero(keys != EMPTY)
     by_cost = slots[np.argsort(keys[slots].view(np.float64), kind="stable")]
@@ -381,11 +516,12 @@ cdef _merge_owned(uint64_t[::1] words, const double[::1] cost_of_rank, tuple sha
 
 
 def segment(const double[:, :, ::1] volume, const double[::1] weights, double k, Py_ssize_t min_size,
-            Py_ssize_t max_distinct=DEFAULT_MAX_DISTINCT):
+            Py_ssize_t max_distinct=DEFAULT_MAX_DISTINCT, bint numpy1_order=False):
     """Felzenszwalb segmentation of a C-contiguous float64 volume; int32 labels 0..n-1 of the same shape.
 
     ``weights[d]`` is the squared-length weight of direction ``OFFSETS[d]``; ``k`` is the merge scale
-    (already divided by 255). Validation is the caller's job (see ``fsmis_monai.pseudolabels``).
+    (already divided by 255); see :func:`sorted_edges` for the edge order. Validation is the caller's job
+    (see ``fsmis_monai.pseudolabels``).
     """
-    words, cost_of_rank = sorted_edges(volume, weights, max_distinct)
+    words, cost_of_rank = sorted_edges(volume, weights, max_distinct, numpy1_order)
     return _merge_owned(words, cost_of_rank, (volume.shape[0], volume.shape[1], volume.shape[2]), k, min_size)

@@ -36,9 +36,83 @@ def _weight(offset: tuple[int, int, int], s: float) -> float:
     return (math.sqrt(in_plane + s ** 2) / math.sqrt(in_plane + 1)) ** 2
 
 
-def brute_force_felzenszwalb(vol: np.ndarray, spacing: tuple[float, float, float], k: float, min_size: int) -> np.ndarray:
+def numpy1_introsort(values: list[float], depth: int = -1) -> list[int]:
+    """NumPy 1.x's default ``argsort`` (introsort) in plain Python: median-of-3 quicksort with Hoare
+    partitioning, larger side pushed, insertion sort below 16 elements, heapsort past 2*log2(n) levels.
+    (Checked locally against numpy 1.23.5, whose ``argsort`` made the published supervoxels.)"""
+    a = list(range(len(values)))
+    v = values
+
+    def heapsort(lo: int, n: int) -> None:
+        def sift(i: int, size: int, tmp: int) -> None:
+            j = 2 * i
+            while j <= size:
+                if j < size and v[a[lo + j - 1]] < v[a[lo + j]]:
+                    j += 1
+                if v[tmp] < v[a[lo + j - 1]]:
+                    a[lo + i - 1] = a[lo + j - 1]
+                    i, j = j, 2 * j
+                else:
+                    break
+            a[lo + i - 1] = tmp
+
+        for start in range(n // 2, 0, -1):
+            sift(start, n, a[lo + start - 1])
+        while n > 1:
+            tmp = a[lo + n - 1]
+            a[lo + n - 1] = a[lo]
+            n -= 1
+            sift(1, n, tmp)
+
+    lo, hi, stack = 0, len(a) - 1, []
+    if depth < 0:
+        depth = 2 * (len(a).bit_length() - 1) if a else 0
+    while True:
+        if depth < 0:
+            heapsort(lo, hi - lo + 1)
+        else:
+            while hi - lo > 15:
+                mid = lo + ((hi - lo) >> 1)
+                for x, y in ((mid, lo), (hi, mid), (mid, lo)):
+                    if v[a[x]] < v[a[y]]:
+                        a[x], a[y] = a[y], a[x]
+                pivot = v[a[mid]]
+                a[mid], a[hi - 1] = a[hi - 1], a[mid]
+                i, j = lo, hi - 1
+                while True:
+                    i += 1
+                    while v[a[i]] < pivot:
+                        i += 1
+                    j -= 1
+                    while pivot < v[a[j]]:
+                        j -= 1
+                    if i >= j:
+                        break
+                    a[i], a[j] = a[j], a[i]
+                a[i], a[hi - 1] = a[hi - 1], a[i]
+                depth -= 1
+                if i - lo < hi - i:
+                    stack.append((i + 1, hi, depth))
+                    hi = i - 1
+                else:
+                    stack.append((lo, i - 1, depth))
+                    lo = i + 1
+            for i in range(lo + 1, hi + 1):
+                item, j = a[i], i
+                while j > lo and v[item] < v[a[j - 1]]:
+                    a[j] = a[j - 1]
+                    j -= 1
+                a[j] = item
+        if not stack:
+            return a
+        lo, hi, depth = stack.pop()
+
+
+def brute_force_felzenszwalb(vol: np.ndarray, spacing: tuple[float, float, float], k: float, min_size: int,
+                             numpy1_order: bool = False) -> np.ndarray:
     """Plain-Python Felzenszwalb on a (z, y, x) volume: float64 costs sqrt(w * dI**2), edges listed direction
-    by direction (voxels in C order) as the reference lists them, then a stable sort by cost."""
+    by direction (voxels in C order) as the reference lists them, then sorted by cost: stably, or in
+    NumPy 1.x ``argsort`` order."""
     nz, ny, nx = vol.shape
     s = spacing[0] / spacing[1]
     edges = []
@@ -49,7 +123,10 @@ def brute_force_felzenszwalb(vol: np.ndarray, spacing: tuple[float, float, float
             if 0 <= zz < nz and 0 <= yy < ny and 0 <= xx < nx:
                 diff = float(vol[zz, yy, xx]) - float(vol[z, y, x])
                 edges.append((math.sqrt(w * (diff * diff)), (z * ny + y) * nx + x, (zz * ny + yy) * nx + xx))
-    edges.sort(key=lambda e: e[0])  # list.sort is stable: ties keep the listing order
+    if numpy1_order:
+        edges = [edges[i] for i in numpy1_introsort([e[0] for e in edges])]
+    else:
+        edges.sort(key=lambda e: e[0])  # list.sort is stable: ties keep the listing order
     n = vol.size
     parent = list(range(n))
     size = [1] * n
@@ -100,6 +177,24 @@ def test_matches_brute_force_union_find(seed, spacing, scale, min_size):
     fallback = _felzenszwalb3d.segment(vol.astype(np.float64), weights, scale / 255.0, min_size, max_distinct=0)
     np.testing.assert_array_equal(fallback, want)
     assert 1 < want.max() + 1 < vol.size  # the case really merges and really keeps several regions
+
+
+def test_faithful_order_matches_brute_force_numpy1_argsort():
+    vol = _blocky_volume(4)
+    spacing = (7.7, 1.25, 1.25)
+    got = felzenszwalb_3d(vol, spacing=spacing, scale=600.0, min_size=150, faithful=True)
+    want = brute_force_felzenszwalb(vol, spacing, 600.0 / 255.0, 150, numpy1_order=True)
+    np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(got, felzenszwalb_3d(vol, spacing=spacing, scale=600.0, min_size=150))  # ties matter
+
+
+@pytest.mark.parametrize("n,distinct,depth", [(40, 3, -1), (3000, 5, -1), (3000, 3000, -1), (500, 4, 1)])
+def test_numpy1_argsort_port(n, distinct, depth):
+    """The Cython introsort equals the plain-Python one, heapsort fallback included (forced by depth)."""
+    values = np.random.default_rng(n + distinct).integers(0, distinct, n).astype(np.float64)
+    got = _felzenszwalb3d.numpy1_argsort(values, depth)
+    assert np.all(np.diff(values[got]) >= 0)
+    np.testing.assert_array_equal(got, numpy1_introsort(list(values), depth))
 
 
 def test_matches_brute_force_with_smoothing_on_real_crop(chaos_dir):

@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-size", type=int, default=None,
                         help="minimum supervoxel size in voxels (default: 5000 CHAOS/Synapse, 1000 CMR)")
     parser.add_argument("--renumber", action="store_true", help="number the supervoxels 1..K without gaps")
+    parser.add_argument("--faithful", action="store_true",
+                        help="order tied edges as the published files were made (NumPy 1.x argsort): reproduces "
+                             "them bit for bit; slower (~2.5x the time of one argsort, ~0.9 GiB for CHAOS)")
 
 
 def label_stats(labels: np.ndarray, per_slice: bool) -> dict[str, Any]:
@@ -156,7 +159,8 @@ def run(args: argparse.Namespace) -> int:
     if min_size is None:
         min_size = get_dataset(args.dataset).supervoxel_min_size if args.dataset else 5000
     params = {"min_size": int(min_size), "scale": 1.0, "sigma": 0.0, "body_threshold": 10.0,
-              "renumber": bool(args.renumber), "dataset": args.dataset}
-    compute = functools.partial(make_supervoxels, min_size=int(min_size), renumber=bool(args.renumber))
+              "renumber": bool(args.renumber), "faithful": bool(args.faithful), "dataset": args.dataset}
+    compute = functools.partial(make_supervoxels, min_size=int(min_size), renumber=bool(args.renumber),
+                                faithful=bool(args.faithful))
     return run_folder(args.src, args.dst, compute, kind="supervoxels", parameters=params, workers=args.workers,
                       overwrite=args.overwrite)

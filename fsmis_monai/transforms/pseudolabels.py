@@ -53,24 +53,27 @@ class Supervoxels(Transform):
         min_size: minimum supervoxel size in voxels (5000 CHAOS / Synapse, 1000 CMR in the references).
         spacing: ``(sx, sy, sz)`` in mm; default: read from the ``MetaTensor``.
         renumber: number supervoxels 1..K without gaps.
+        faithful: tie order of the published files (NumPy 1.x argsort); slower.
     """
 
     backend = [TransformBackends.NUMPY]
 
     def __init__(self, min_size: int = 5000, spacing: Sequence[float] | None = None, scale: float = 1.0,
-                 sigma: float = 0.0, body_threshold: float = SUPERVOXEL_BODY_THRESHOLD, renumber: bool = False) -> None:
+                 sigma: float = 0.0, body_threshold: float = SUPERVOXEL_BODY_THRESHOLD, renumber: bool = False,
+                 faithful: bool = False) -> None:
         self.min_size = min_size
         self.spacing = spacing
         self.scale = scale
         self.sigma = sigma
         self.body_threshold = body_threshold
         self.renumber = renumber
+        self.faithful = faithful
 
     def __call__(self, img: NdarrayOrTensor) -> NdarrayOrTensor:
         labels = make_supervoxels(
             _single_channel(img, "Supervoxels"), _spacing_of(img, self.spacing, "Supervoxels"),
             min_size=self.min_size, scale=self.scale, sigma=self.sigma, body_threshold=self.body_threshold,
-            renumber=self.renumber,
+            renumber=self.renumber, faithful=self.faithful,
         )
         return _as_output(labels, img)
 
@@ -113,10 +116,10 @@ class Supervoxelsd(_PseudolabelDict):
 
     def __init__(self, keys: KeysCollection, output_keys: KeysCollection = "supervoxels", min_size: int = 5000,
                  spacing: Sequence[float] | None = None, scale: float = 1.0, sigma: float = 0.0,
-                 body_threshold: float = SUPERVOXEL_BODY_THRESHOLD, renumber: bool = False,
+                 body_threshold: float = SUPERVOXEL_BODY_THRESHOLD, renumber: bool = False, faithful: bool = False,
                  allow_missing_keys: bool = False) -> None:
         super().__init__(keys, output_keys, allow_missing_keys)
-        self.transform = Supervoxels(min_size, spacing, scale, sigma, body_threshold, renumber)
+        self.transform = Supervoxels(min_size, spacing, scale, sigma, body_threshold, renumber, faithful)
 
 
 class Superpixelsd(_PseudolabelDict):
