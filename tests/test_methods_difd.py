@@ -207,3 +207,16 @@ def test_segment_matches_forward(episode, faithful):
 
 def test_fits_real_episode(episode):
     check_fits_episode(_model(), episode, steps=16, lr=3e-3)
+
+
+def test_fresh_interspersion_draws_without_a_seed(episode):
+    model = _model(interspersion_seed=None).eval()
+    feats = model.encoder(episode["support_images"][0])["down2"].detach()
+    masks = episode["support_masks"][0]
+    torch.manual_seed(0)
+    first = model.bases(feats, masks)["fg"]
+    second = model.bases(feats, masks)["fg"]
+    torch.manual_seed(0)
+    again = model.bases(feats, masks)["fg"]
+    assert first.shape != second.shape or not torch.equal(first, second)  # new boxes at every call
+    torch.testing.assert_close(first, again)  # ... drawn from the (seeded) global generator
