@@ -21,7 +21,7 @@ from fsmis_monai.networks.checkpoint_import import convert_checkpoint, convert_s
 from fsmis_monai.networks.methods import build_method
 
 FIXTURES = Path(__file__).parent / "fixtures" / "reference_checkpoints"
-METHODS = ("ssl_alpnet", "adnet", "qnet", "gmrd", "pami", "difd")
+METHODS = ("ssl_alpnet", "adnet", "qnet", "lslpn", "gmrd", "pami", "difd")
 
 # reference name -> our name, read off the reference model code (a few per method, plus one backbone tensor)
 EXPECTED = {
@@ -32,6 +32,13 @@ EXPECTED = {
         "encoder.reduce2.weight": "encoder.reduce3.weight",
         "encoder.reduce1d.weight": "encoder.tau_head.weight",
         "encoder.backbone.fc.bias": "encoder.backbone.fc.bias",
+    },
+    "lslpn": {
+        "encoder.conv1.weight": "encoder.backbone.conv1.weight",
+        "encoder.layer2.0.downsample.1.running_mean": "encoder.backbone.layer2.0.downsample.1.running_mean",
+        "encoder.layer3.5.conv3.weight": "encoder.backbone.layer3.5.conv3.weight",
+        "encoder.layer4.0.weight": "encoder.head.0.weight",
+        "encoder.layer4.0.bias": "encoder.head.0.bias",
     },
     "gmrd": {
         "mlp1.reduce.0.weight": "fg_mlp.0.weight",
@@ -64,6 +71,7 @@ DROPPED = {
     "ssl_alpnet": ("encoder.aspp_out.", "encoder.asppconv."),
     "adnet": ("encoder.aspp_out.", "encoder.asppconv."),
     "qnet": (),
+    "lslpn": (),
     "gmrd": (),
     "pami": ("kc_computation.", "postprocess_layer.", "pred_conv."),
     "difd": ("criterion.weight",),
@@ -100,7 +108,7 @@ def test_fixtures_name_their_source():
         doc = _fixture(method)
         assert doc["method"] == method
         assert doc["source"]["repository"].startswith("https://github.com/") and len(doc["source"]["commit"]) == 40
-        assert len(doc["state_dict"]) > 600  # a whole ResNet-101 and the heads
+        assert len(doc["state_dict"]) > 250  # a whole ResNet and the heads
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -130,12 +138,15 @@ def test_every_reference_tensor_lands_or_is_dropped(method, targets, tmp_path):
     assert {k: tuple(v.shape) for k, v in converted.items()} == targets[method]
     assert len(set(report.mapped.values())) == len(report.mapped)
     # values land where the reference code says
-    for ref, ours in {**EXPECTED[method], **{k: k for k in BACKBONE_SAMPLE}}.items():
+    backbone = {k: k for k in BACKBONE_SAMPLE} if method != "lslpn" else {}  # LSLPN: ResNet-50, in EXPECTED
+    for ref, ours in {**EXPECTED[method], **backbone}.items():
         assert report.mapped[ref] == ours
         assert torch.all(converted[ours] == value[ref]), (ref, ours)
     for ref, ours in report.mapped.items():
         assert converted[ours].flatten()[0].item() == value[ref]
 
+    # the layout notes: LSLPN's released ResNet is Caffe-style, GMRD's released MLP has no ReLU
+    assert len(report.notes) == (1 if method in ("lslpn", "gmrd") else 0)
     # the written file loads into the method at the paper layout with strict=True (built on the meta device
     # and assigned, so a ResNet-101 costs nothing; the CLI test below loads into a real Q-Net)
     with torch.device("meta"):
@@ -147,7 +158,7 @@ def test_every_reference_tensor_lands_or_is_dropped(method, targets, tmp_path):
 
 @pytest.mark.parametrize(
     "given, actual", [("qnet", "gmrd"), ("gmrd", "qnet"), ("ssl_alpnet", "adnet"), ("adnet", "ssl_alpnet"),
-                      ("difd", "pami"), ("pami", "difd")]
+                      ("difd", "pami"), ("pami", "difd"), ("qnet", "lslpn"), ("lslpn", "qnet")]
 )
 def test_checkpoint_of_another_method_is_refused(given, actual, tmp_path):
     state, _ = _synthetic(actual)

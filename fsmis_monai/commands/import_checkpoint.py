@@ -14,7 +14,7 @@ from pathlib import Path
 
 HELP = "convert a checkpoint released with a method's original repository into bundles/<method>/models/model.pt"
 
-IMPORTABLE = ("ssl_alpnet", "adnet", "qnet", "gmrd", "pami", "difd")
+IMPORTABLE = ("ssl_alpnet", "adnet", "qnet", "lslpn", "gmrd", "pami", "difd")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -143,6 +143,13 @@ def _difd_rules(faithful: bool) -> Tuple[Rule, ...]:
     )
 
 
+def _lslpn_notes(keys: Sequence[str], faithful: bool) -> List[str]:
+    return [
+        "the released ResNet-50 is Caffe-style (layer2's stride on its 1x1 conv, ceil-mode max pool): for the "
+        "released weights build the encoder as LSLPNResNet50Encoder(faithful=True)"
+    ]
+
+
 LAYOUTS: Dict[str, ReferenceLayout] = {
     "ssl_alpnet": ReferenceLayout(
         "ssl_alpnet",
@@ -155,6 +162,14 @@ LAYOUTS: Dict[str, ReferenceLayout] = {
         "sha168/ADNet models/fewshot_anom.py (FewShotSeg; saved from nn.DataParallel)",
         _fixed(*_DEEPLAB_ENCODER, ("t.", "threshold.")),
         _DEEPLAB_DROPPED,
+    ),
+    "lslpn": ReferenceLayout(
+        "lslpn",
+        "CSCYQJ/LOCATION-SENSITIVE-LOCAL-PROTOTYPE-NETWORK code/models/fewshot_grid.py (FewShotSeg)",
+        # the reference ResNet keeps torchvision's child names at the top of ``encoder`` and calls its
+        # fusion head (3x3 conv on concat(layer2, layer3)) ``layer4``
+        _fixed(("encoder.layer4.", "encoder.head."), ("encoder.", "encoder.backbone.")),
+        notes=_lslpn_notes,
     ),
     "qnet": ReferenceLayout("qnet", "shenqq377/Q-Net models/fewshot.py (FewShotSeg)", _fixed(*_QNET_ENCODER)),
     "gmrd": ReferenceLayout(
