@@ -189,8 +189,9 @@ def test_empty_support_mask_has_no_fg_patches(episode):
         assert torch.isfinite(model.segment(episode["query_images"], state)).all()
 
 
-def test_training_step(episode):
-    model = _model()
+@pytest.mark.parametrize("faithful", [False, True])
+def test_training_step(episode, faithful):
+    model = _model(faithful=faithful)
     check_training_step(
         model, episode, {"query_nll", "query_boundary", "align_nll", "align_boundary"}, [model.fuse, model.fg_decoder, model.bg_decoder]
     )

@@ -115,8 +115,9 @@ def test_interactive_threshold_drops_low_affinities():
     torch.testing.assert_close(out, expect)
 
 
-def test_training_step(episode):
-    model = _model()
+@pytest.mark.parametrize("faithful", [False, True])
+def test_training_step(episode, faithful):
+    model = _model(faithful=faithful)
     check_training_step(model, episode, {"query_nll", "align", "proto_mse", "query_self"}, [model.debias.query_injection, model.debias.merge])
 
 
