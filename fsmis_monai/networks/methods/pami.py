@@ -35,7 +35,7 @@ The argmax in the spatial branch is not differentiable, as released.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
