@@ -161,3 +161,33 @@ def test_checkpoint_matching_nothing_raises_naming_the_file(tmp_path):
     torch_save({"decoder.block.weight": torch.zeros(3)}, path)
     with pytest.raises(FsmisInputError, match="unrelated.pth: no tensor of this checkpoint fits"):
         build_encoder("deeplabv3_resnet101", pretrained_weights=path)
+
+
+def test_coco_deeplab_r50_onto_lslpn_layout(encoders, tmp_path):
+    """torchvision's COCO DeepLabV3-ResNet-50 (``backbone.`` names, dilated layer3/4, heads) fills the LSLPN
+    ResNet-50; its layer4 and the segmentation heads have no place there and are reported unused."""
+    from torchvision.models.segmentation import deeplabv3_resnet50
+
+    torch.manual_seed(4)
+    state = deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=21, aux_loss=True).state_dict()
+    path = tmp_path / "deeplabv3_resnet50_coco.pth"
+    torch_save(state, path)
+    enc = encoders["lslpn_resnet50"]
+    report = load_pretrained_weights(enc, path)
+    assert sorted(report.matched) == sorted(_backbone_keys(enc))
+    assert report.unexpected and all(
+        k.startswith(("backbone.layer4.", "classifier.", "aux_classifier.")) for k in report.unexpected
+    )
+    assert torch.equal(enc.state_dict()["backbone.layer3.5.conv3.weight"], state["backbone.layer3.5.conv3.weight"])
+
+
+def test_resnet_of_another_depth_is_refused(encoders, coco_deeplab_r101):
+    """ResNet-101 and ResNet-50 share the names and shapes of layer3's first 6 blocks: a checkpoint of the
+    other depth would fill an encoder halfway without complaint, so it is refused."""
+    with pytest.raises(FsmisInputError, match=r"deeplabv3_resnet101_coco.pth: a ResNet of another depth .*"
+                                               r"layer3: 23 blocks in the checkpoint, 6 in the encoder"):
+        load_pretrained_weights(encoders["lslpn_resnet50"], coco_deeplab_r101)
+    r50 = resnet50(weights=None).state_dict()
+    for name in ("deeplabv3_resnet101", "qnet_resnet101"):
+        with pytest.raises(FsmisInputError, match=r"layer3: 6 blocks in the checkpoint, 23 in the encoder"):
+            load_pretrained_weights(encoders[name], r50)

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Tuple
 
 import torch
 from monai.networks.blocks import Convolution, ResidualUnit
@@ -220,6 +221,29 @@ def _candidate_names(key: str) -> List[str]:
     return list(dict.fromkeys(names))
 
 
+def _blocks_per_stage(names: "Iterable[str]") -> Dict[str, int]:
+    """Residual blocks per ResNet stage found in tensor names (``...layer3.22.conv1.weight`` -> layer3: 23)."""
+    counts: Dict[str, int] = {}
+    for name in names:
+        match = re.search(r"(?:^|\.)(layer[1-4])\.(\d+)\.", name)
+        if match:
+            counts[match.group(1)] = max(counts.get(match.group(1), 0), int(match.group(2)) + 1)
+    return counts
+
+
+def _check_depth(source: str, encoder: nn.Module, state: Mapping[str, Any]) -> None:
+    """Refuse a ResNet of another depth (e.g. ResNet-101 weights for a ResNet-50 layout): names and shapes of
+    the first blocks of each stage coincide, so without this check they would load silently, half filled."""
+    ours, theirs = _blocks_per_stage(encoder.state_dict()), _blocks_per_stage(state)
+    differ = {s: (theirs[s], ours[s]) for s in ours if s in theirs and theirs[s] != ours[s]}
+    if differ:
+        detail = ", ".join(f"{s}: {n} blocks in the checkpoint, {m} in the encoder" for s, (n, m) in differ.items())
+        raise FsmisInputError(
+            f"{source}: a ResNet of another depth than the {type(encoder).__name__} ({detail}); use the matching "
+            "ResNet-50/101 weights"
+        )
+
+
 def _torchvision_state_dict(encoder: nn.Module, which: str) -> Mapping[str, torch.Tensor]:
     """Download (torch hub cache) torchvision's ``imagenet`` or ``coco`` weights for the encoder's ResNet."""
     from torchvision import models
@@ -260,6 +284,7 @@ def load_pretrained_weights(
     else:
         source = str(weights)
         state = state_dict_from_checkpoint(torch_load(weights))
+    _check_depth(source, encoder, state)
     own = encoder.state_dict()
     report = WeightLoadReport(source=source)
     to_load: Dict[str, torch.Tensor] = {}
