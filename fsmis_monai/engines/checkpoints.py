@@ -29,6 +29,23 @@ def unwrap(network: nn.Module) -> nn.Module:
     return network.module if hasattr(network, "module") and isinstance(network.module, nn.Module) else network
 
 
+def make_atomic(saver: CheckpointSaver) -> CheckpointSaver:
+    """Make ``saver`` write each checkpoint to a temporary file renamed into place (ignite's ``atomic``).
+
+    MONAI 1.6 builds its ignite ``DiskSaver`` with ``atomic=False`` (for file permissions only; ignite
+    0.5.5's atomic path gives group/others read access back), so a run killed mid-save would leave a
+    truncated ``checkpoint_iteration=N.pt`` that the next resume picks. The temporary (``tmp*``) never
+    matches the checkpoint name pattern, so an orphan left by a kill is ignored by resume.
+    """
+    for ckpt in (saver._final_checkpoint, saver._key_metric_checkpoint, saver._interval_checkpoint):
+        handler = getattr(ckpt, "save_handler", None)
+        if handler is not None:
+            if not hasattr(handler, "_atomic"):  # pragma: no cover - an ignite without the switch
+                raise RuntimeError("ignite DiskSaver has no atomic switch; checkpoints would not be atomic")
+            handler._atomic = True
+    return saver
+
+
 class TrainingCheckpoints:
     """Resume + periodic save + final model export, attached as one handler.
 
@@ -75,8 +92,10 @@ class TrainingCheckpoints:
                 logger.info(f"resuming from {self.resumed_from}")
                 CheckpointLoader(self.resumed_from, state, map_location=self.map_location).attach(engine)
                 engine.add_event_handler(Events.STARTED, self._warn_if_finished)
-        CheckpointSaver(str(self.ckpt_dir), state, save_interval=self.save_interval, epoch_level=False,
-                        n_saved=self.n_saved, save_final=True).attach(engine)
+        saver = CheckpointSaver(str(self.ckpt_dir), state, save_interval=self.save_interval, epoch_level=False,
+                                n_saved=self.n_saved, save_final=True)
+        make_atomic(saver)
+        saver.attach(engine)
         if self.final_path is not None:
             engine.add_event_handler(Events.COMPLETED, self._export)
 

@@ -1,0 +1,124 @@
+"""Security: checkpoints are read with ``weights_only=True`` everywhere (a pickle payload is refused before
+it runs), the package has no ``eval``/``exec``/``pickle`` of user data, and the README says that bundle
+configs execute Python."""
+
+from __future__ import annotations
+
+import ast
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from fsmis_monai.io import FsmisInputError, torch_load
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class _Payload:
+    """Unpickling this calls ``Path.touch(marker)``: proof that code ran during loading."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.fixture
+def malicious_checkpoint(tmp_path):
+    """A real ``torch.save`` checkpoint (zip format) whose state dict carries a code-running object."""
+    marker = tmp_path / "payload_ran"
+    path = tmp_path / "model.pt"
+    torch.save({"network": {"weight": torch.zeros(2)}, "extra": _Payload(marker)}, path)
+    # sanity: the payload really runs under a full unpickler
+    torch.load(path, weights_only=False)
+    assert marker.exists()
+    marker.unlink()
+    return path, marker
+
+
+def test_torch_load_refuses_a_pickle_payload(malicious_checkpoint):
+    path, marker = malicious_checkpoint
+    with pytest.raises(FsmisInputError, match="refused to load") as err:
+        torch_load(path)
+    assert str(path) in str(err.value)
+    assert not marker.exists()
+
+
+def test_every_checkpoint_reader_refuses_a_pickle_payload(malicious_checkpoint, tmp_path):
+    """The evaluation runner, the encoder weight loader, checkpoint import, and MONAI's CheckpointLoader
+    (bundle inference configs and training resume) all refuse the same file."""
+    from ignite.engine import Engine
+    from monai.handlers import CheckpointLoader
+
+    from fsmis_monai.evaluation.runner import load_checkpoint
+    from fsmis_monai.networks.checkpoint_import import reference_state_dict
+    from fsmis_monai.networks.encoders import build_encoder
+
+    path, marker = malicious_checkpoint
+    net = torch.nn.Linear(2, 1)
+    with pytest.raises(FsmisInputError, match="refused"):
+        load_checkpoint(net, path)
+    with pytest.raises(FsmisInputError, match="refused"):
+        build_encoder("small", pretrained_weights=str(path))
+    with pytest.raises(FsmisInputError, match="refused"):
+        reference_state_dict(path)
+    engine = Engine(lambda e, b: None)
+    CheckpointLoader(str(path), {"network": net}).attach(engine)
+    with pytest.raises(pickle.UnpicklingError):  # MONAI 1.6 reads with weights_only=True
+        engine.run([0], max_epochs=1)
+    assert not marker.exists()
+
+
+def _calls(tree: ast.AST):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            f = node.func
+            yield node, (f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")), ast.unparse(f)
+
+
+def test_no_unsafe_loading_or_code_execution_in_the_package():
+    """``torch.load`` only with ``weights_only=True`` (literal); no eval/exec/pickle/marshal/np.load(allow_pickle)."""
+    problems = []
+    for path in sorted([*(REPO / "fsmis_monai").rglob("*.py"), *(REPO / "bench").rglob("*.py")]):
+        tree = ast.parse(path.read_text())
+        where = lambda n: f"{path.relative_to(REPO)}:{n.lineno}"  # noqa: E731
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
+                if any(n and n.split(".")[0] in {"pickle", "dill", "marshal", "shelve", "cloudpickle"} for n in names):
+                    # io.torch_load imports pickle only to catch UnpicklingError
+                    if not (path.name == "io.py" and isinstance(node, ast.Import)):
+                        problems.append(f"{where(node)} imports {names}")
+        for node, name, full in _calls(tree):
+            kw = {k.arg: k.value for k in node.keywords}
+            if name in {"eval", "exec", "compile"} and isinstance(node.func, ast.Name):
+                problems.append(f"{where(node)} {full}()")
+            if full.endswith("torch.load") or full == "load" and "weights_only" in kw:
+                ok = isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True
+                if not ok:
+                    problems.append(f"{where(node)} torch.load without weights_only=True")
+            if name == "load" and full.startswith("np") and isinstance(kw.get("allow_pickle"), ast.Constant) \
+                    and kw["allow_pickle"].value:
+                problems.append(f"{where(node)} np.load(allow_pickle=True)")
+    assert not problems, "\n".join(problems)
+
+
+def test_bundle_inference_configs_load_checkpoints_through_monai_checkpoint_loader():
+    """Bundles read weights only with MONAI's CheckpointLoader (weights_only=True in MONAI 1.6), never
+    with a ``$torch.load`` expression of their own."""
+    for cfg in sorted((REPO / "bundles").glob("*/configs/*.json")):
+        text = cfg.read_text()
+        assert "torch.load" not in text and "pickle" not in text, cfg
+        if cfg.name == "inference.json":
+            targets = [h.get("_target_") for h in json.loads(text).get("handlers", [])]
+            assert "CheckpointLoader" in targets, cfg
+
+
+def test_readme_says_bundle_configs_execute_python():
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Security"):]
+    assert "execute" in section and "weights_only" in section
