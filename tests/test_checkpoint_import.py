@@ -169,6 +169,10 @@ def test_checkpoint_of_another_method_is_refused(given, actual, tmp_path):
 
 
 def test_each_reference_checkpoint_is_identified_as_its_own_method():
+    from fsmis_monai.commands.import_checkpoint import IMPORTABLE
+    from fsmis_monai.networks.checkpoint_import import LAYOUTS
+
+    assert set(IMPORTABLE) == set(LAYOUTS) == set(METHODS)
     assert {m: identify(list(_synthetic(m)[0])) for m in METHODS} == {m: [m] for m in METHODS}
 
 
