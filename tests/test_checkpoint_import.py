@@ -164,7 +164,8 @@ def test_checkpoint_of_another_method_is_refused(given, actual, tmp_path):
     state, _ = _synthetic(actual)
     path = tmp_path / f"{actual}.pth"
     torch_save(state, path)
-    with pytest.raises(FsmisInputError, match=rf"{actual}\.pth: not a {given} checkpoint.*checkpoint of {actual}.*--method {actual}"):
+    expected = rf"{actual}\.pth: not a {given} checkpoint.*checkpoint of {actual}.*--method {actual}"
+    with pytest.raises(FsmisInputError, match=expected):
         convert_checkpoint(path, given)
 
 
@@ -222,7 +223,8 @@ def test_cli_writes_model_pt_and_reports_errors(tmp_path, capsys):
     network = build_method("qnet")
     network.load_state_dict(torch_load(out), strict=True)
     assert torch.all(network.encoder.reduce3.weight == value["encoder.reduce2.weight"])
-    assert torch.all(network.encoder.backbone.layer4[2].bn3.running_mean == value["encoder.backbone.layer4.2.bn3.running_mean"])
+    running_mean = network.encoder.backbone.layer4[2].bn3.running_mean
+    assert torch.all(running_mean == value["encoder.backbone.layer4.2.bn3.running_mean"])
     assert [p.name for p in out.parent.iterdir()] == ["model.pt"]  # atomic write: no temporary left
     assert cli_main(["import-checkpoint", "--method", "gmrd", str(path), "--output", str(tmp_path / "g.pt")]) == 1
     assert "not a gmrd checkpoint" in capsys.readouterr().err and not (tmp_path / "g.pt").exists()

@@ -50,6 +50,11 @@ _DEEPLAB_DROPPED: Tuple[Rule, ...] = (
 )
 
 
+def _matches(key: str, prefix: str) -> bool:
+    """``key`` lies under ``prefix`` ("encoder.reduce1." or, for a bare parameter such as ADNet's "t.", is it)."""
+    return key.startswith(prefix) or key == prefix.rstrip(".")
+
+
 @dataclass(frozen=True)
 class ReferenceLayout:
     """How one reference model's state dict maps onto one of our methods (see the module docstring)."""
@@ -62,7 +67,7 @@ class ReferenceLayout:
 
     def target_name(self, key: str, faithful: bool = False) -> Optional[str]:
         """Our name for a reference key (None when no rule matches)."""
-        matches = [(ref, ours) for ref, ours in self.rules(faithful) if key.startswith(ref) or key == ref.rstrip(".")]
+        matches = [(ref, ours) for ref, ours in self.rules(faithful) if _matches(key, ref)]
         if not matches:
             return None
         ref, ours = max(matches, key=lambda r: len(r[0]))
@@ -81,7 +86,7 @@ class ReferenceLayout:
         Rules sharing a target are alternatives (reference versions): one of them used is enough."""
         used: Dict[str, List[str]] = {}
         for ref, ours in self.rules(faithful):
-            present = any(k.startswith(ref) or k == ref.rstrip(".") for k in keys)
+            present = any(_matches(k, ref) for k in keys)
             used.setdefault(ours, [])
             if present:
                 used[ours].append(ref)
@@ -99,9 +104,11 @@ def _gmrd_rules(faithful: bool) -> Tuple[Rule, ...]:
     last = "2" if faithful else "3"
     rules: List[Rule] = list(_QNET_ENCODER)
     for ref, ours in (("mlp1", "fg_mlp"), ("mlp2", "bg_mlp")):
-        rules += [(f"{ref}.reduce.0.", f"{ours}.0."), (f"{ref}.reduce.2.", f"{ours}.{last}."), (f"{ref}.reduce.3.", f"{ours}.{last}.")]
+        rules += [(f"{ref}.reduce.0.", f"{ours}.0.")]
+        rules += [(f"{ref}.reduce.{i}.", f"{ours}.{last}.") for i in (2, 3)]
     for ref, ours in (("decoder1", "fg_decoder"), ("decoder2", "bg_decoder")):
-        rules += [(f"{ref}.res1.", f"{ours}.reduce."), (f"{ref}.res2.", f"{ours}.residual."), (f"{ref}.down.", f"{ours}.head.")]
+        rules += [(f"{ref}.res1.", f"{ours}.reduce."), (f"{ref}.res2.", f"{ours}.residual.")]
+        rules += [(f"{ref}.down.", f"{ours}.head.")]
     return tuple(rules)
 
 
@@ -218,7 +225,9 @@ class ImportReport:
         if self.unknown:
             out.append(f"ignored {len(self.unknown)} unknown tensors: {self.unknown[:5]}")
         if self.initialised:
-            out.append(f"{len(self.initialised)} project tensors not in the checkpoint (left initialised): {self.initialised[:5]}")
+            out.append(
+                f"{len(self.initialised)} project tensors not in the checkpoint (initial values kept): {self.initialised[:5]}"
+            )
         out += [f"note: {n}" for n in self.notes]
         return out
 
@@ -266,7 +275,7 @@ def convert_state_dict(
     missing_rules = layout.unused_rules(keys, faithful)
     others = [m for m in identify(keys) if m != method]
     if others or missing_rules:
-        looks = f"it looks like a checkpoint of {' or '.join(others)}" if others else "it matches no known reference model"
+        looks = f"it looks like a checkpoint of {' or '.join(others)}" if others else "it matches no known model"
         raise FsmisInputError(
             f"{source}: not a {method} checkpoint of {layout.source}: {looks}"
             + (f" (no tensors named {missing_rules[:4]})" if missing_rules else "")
