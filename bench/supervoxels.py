@@ -260,18 +260,20 @@ def main() -> None:
     parser.add_argument("--scans", type=int, default=None, help="first N scans of each dataset (default: all)")
     parser.add_argument("--folder-scans", type=int, default=6, help="CHAOS scans in the workers 1 vs 2 timing")
     parser.add_argument("--superpixel-scans", type=int, default=3, help="CHAOS scans in the 2D superpixel timing")
+    parser.add_argument("--datasets", nargs="+", default=["chaos", "cmr"], choices=sorted(DATASETS))
+    parser.add_argument("--no-extras", action="store_true", help="skip the folder and superpixel timings")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        chaos = bench_scans("chaos", args.scans, args.reference, tmp)
-        cmr = bench_scans("cmr", args.scans, args.reference, tmp)
-        folder = bench_folder(args.folder_scans, tmp)
-    superpixels = bench_superpixels(args.superpixel_scans)
-    print("\n### CHAOS supervoxels\n\n" + markdown(chaos))
-    print("\n### CMR supervoxels\n\n" + markdown(cmr))
-    print("\n### Folder: --workers 1 vs 2\n\n" + markdown([folder]))
-    print("\n### 2D superpixels vs a plain per-slice scikit-image loop\n\n" + markdown(superpixels))
-    print("\n" + summary(chaos, "CHAOS") + "\n" + summary(cmr, "CMR"))
+        per_dataset = {name: bench_scans(name, args.scans, args.reference, tmp) for name in args.datasets}
+        folder = None if args.no_extras else bench_folder(args.folder_scans, tmp)
+    superpixels = None if args.no_extras else bench_superpixels(args.superpixel_scans)
+    for name, rows in per_dataset.items():
+        print(f"\n### {name.upper()} supervoxels\n\n" + markdown(rows))
+    if folder is not None:
+        print("\n### Folder: --workers 1 vs 2\n\n" + markdown([folder]))
+        print("\n### 2D superpixels vs a plain per-slice scikit-image loop\n\n" + markdown(superpixels))
+    print("\n" + "\n".join(summary(rows, name.upper()) for name, rows in per_dataset.items()))
 
 
 if __name__ == "__main__":

@@ -170,43 +170,34 @@ DEF SMALL_QUICKSORT = 15
 DEF QS_STACK = 128
 
 
+cdef inline void _sift_down(const double* v, int32_t* a, int64_t i, int64_t n, int32_t tmp) noexcept nogil:
+    """Place ``tmp`` in the 1-based max-heap ``a[1..n]`` starting from the hole at ``i``."""
+    cdef int64_t j = i << 1
+    while j <= n:
+        if j < n and v[a[j]] < v[a[j + 1]]:
+            j += 1
+        if v[tmp] < v[a[j]]:
+            a[i] = a[j]
+            i = j
+            j += j
+        else:
+            break
+    a[i] = tmp
+
+
 cdef void _heapsort_positions(const double* v, int32_t* tosort, int64_t n) noexcept nogil:
     """Heapsort of positions by value (the introsort's fallback when it recurses too deep)."""
     cdef int32_t* a = tosort - 1  # 1-based heap
-    cdef int64_t i, j, l
+    cdef int64_t l = n >> 1
     cdef int32_t tmp
-    l = n >> 1
     while l > 0:
-        tmp = a[l]
-        i = l
-        j = l << 1
-        while j <= n:
-            if j < n and v[a[j]] < v[a[j + 1]]:
-                j += 1
-            if v[tmp] < v[a[j]]:
-                a[i] = a[j]
-                i = j
-                j += j
-            else:
-                break
-        a[i] = tmp
+        _sift_down(v, a, l, n, a[l])
         l -= 1
     while n > 1:
         tmp = a[n]
         a[n] = a[1]
         n -= 1
-        i = 1
-        j = 2
-        while j <= n:
-            if j < n and v[a[j]] < v[a[j + 1]]:
-                j += 1
-            if v[tmp] < v[a[j]]:
-                a[i] = a[j]
-                i = j
-                j += j
-            else:
-                break
-        a[i] = tmp
+        _sift_down(v, a, 1, n, tmp)
 
 
 cdef inline void _swap(int32_t* a, int64_t i, int64_t j) noexcept nogil:
