@@ -226,7 +226,8 @@ class ImportReport:
             out.append(f"ignored {len(self.unknown)} unknown tensors: {self.unknown[:5]}")
         if self.initialised:
             out.append(
-                f"{len(self.initialised)} project tensors not in the checkpoint (initial values kept): {self.initialised[:5]}"
+                f"{len(self.initialised)} project tensors not in the checkpoint (initial values kept): "
+                f"{self.initialised[:5]}"
             )
         out += [f"note: {n}" for n in self.notes]
         return out
