@@ -16,8 +16,10 @@ import torch
 from monai.bundle import download, load, load_bundle_config
 
 from fsmis_monai.commands.freeze import freeze_bundle
-from fsmis_monai.io import save_nifti, torch_save
+from fsmis_monai.io import torch_save
 from fsmis_monai.networks.methods import build_method
+
+from _tiny_chaos import liver_window
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,23 +61,18 @@ def test_zipped_training_bundle_downloads_and_loads_with_weights(tmp_path):
 def test_zipped_frozen_bundle_loads_as_the_frozen_network(chaos_dir, tmp_path):
     """A frozen liver segmenter made from real scan 1 travels as a zip and segments the same as before."""
     torch.set_num_threads(1)
-    image = nib.load(chaos_dir / "image_1.nii.gz")
-    label = np.asarray(nib.load(chaos_dir / "label_1.nii.gz").dataobj)
-    window = (slice(40, 168, 2), slice(64, 192, 2), slice(None))  # 64 x 64 in-plane
-    data = tmp_path / "data"
-    save_nifti(data / "image.nii.gz", np.asarray(image.dataobj)[window].astype(np.float32), affine=image.affine)
-    save_nifti(data / "label.nii.gz", label[window].astype(np.uint8), affine=image.affine)
+    data = liver_window(chaos_dir, tmp_path / "data", (1,), n_slices=12)
     torch.manual_seed(1)
     ckpt = torch_save(build_method("ssl_alpnet", encoder="small").state_dict(), tmp_path / "alp.pt")
-    frozen_dir = freeze_bundle(REPO / "bundles" / "ssl_alpnet", data / "image.nii.gz", data / "label.nii.gz", "liver",
+    frozen_dir = freeze_bundle(REPO / "bundles" / "ssl_alpnet", data / "image_1.nii.gz", data / "label_1.nii.gz", "liver",
                                tmp_path / "liver_alpnet", ckpt_path=ckpt, protocol="ep2",
                                overrides={"encoder": "small"})
     downloaded = _publish(frozen_dir, "liver_alpnet", tmp_path / "pub")
     original = load(name="liver_alpnet", bundle_dir=str(frozen_dir.parent), workflow_type="inference", device="cpu")
     shared = load(name="liver_alpnet", bundle_dir=str(downloaded), workflow_type="inference", device="cpu")
-    vol = np.asarray(image.dataobj)[window].astype(np.float32)
-    z = int(np.flatnonzero((label[window] == 1).any(axis=(0, 1))).mean())
-    query = torch.as_tensor((vol[..., z] - vol.mean()) / vol.std())[None, None].repeat(1, 3, 1, 1)
+    vol = np.asarray(nib.load(data / "image_1.nii.gz").dataobj, dtype=np.float64)
+    vol = (vol - vol.mean()) / vol.std()
+    query = torch.as_tensor(vol[..., 6], dtype=torch.float32)[None, None].repeat(1, 3, 1, 1)
     with torch.no_grad():
         a, b = original.eval()(query), shared.eval()(query)
     assert a.shape == (1, 2, 64, 64)

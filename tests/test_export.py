@@ -28,24 +28,16 @@ from fsmis_monai.export import FrozenFewShotSegmenter, trace
 from fsmis_monai.io import FsmisInputError, save_nifti, torch_load, torch_save
 from fsmis_monai.networks.methods import METHODS, build_method
 
+from _tiny_chaos import LIVER, liver_window
+
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO.parent / "shared" / "monai" / "meta_schema_20240725.json"
-LIVER = 1
 
 
 @pytest.fixture(scope="module")
 def tiny_scans(chaos_dir, tmp_path_factory) -> Path:
-    """Scans 1 (support) and 2 (query): every other pixel of a 128 x 128 window through the liver, 8 slices."""
-    out = tmp_path_factory.mktemp("frozen_data")
-    for i in (1, 2):
-        image = nib.load(chaos_dir / f"image_{i}.nii.gz")
-        label = np.asarray(nib.load(chaos_dir / f"label_{i}.nii.gz").dataobj)
-        zs = np.flatnonzero((label == LIVER).any(axis=(0, 1)))
-        z0 = int(zs[len(zs) // 2]) - 4
-        window = (slice(40, 168, 2), slice(64, 192, 2), slice(z0, z0 + 8))
-        save_nifti(out / f"image_{i}.nii.gz", np.asarray(image.dataobj)[window].astype(np.float32), affine=image.affine)
-        save_nifti(out / f"label_{i}.nii.gz", label[window].astype(np.uint8), affine=image.affine)
-    return out
+    """Scans 1 (support) and 2 (query), 64 x 64 x 8 through the liver."""
+    return liver_window(chaos_dir, tmp_path_factory.mktemp("frozen_data"), (1, 2))
 
 
 def _method(name: str, **kwargs):

@@ -13,14 +13,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fsmis_monai.engines import ensure_pseudolabels
-from fsmis_monai.io import save_nifti, torch_load
+from fsmis_monai.io import torch_load
 from fsmis_monai.networks.methods import build_method
+
+from _tiny_chaos import liver_window
 
 REPO = Path(__file__).resolve().parents[1]
 ITERATIONS = 3
@@ -40,14 +40,7 @@ PROBE = {
 
 
 def test_two_process_gloo_training(chaos_dir, tmp_path):
-    data = tmp_path / "data"
-    for i in (1, 2):
-        image = nib.load(chaos_dir / f"image_{i}.nii.gz")
-        label = np.asarray(nib.load(chaos_dir / f"label_{i}.nii.gz").dataobj)
-        zs = np.flatnonzero((label == 1).any(axis=(0, 1)))
-        window = (slice(40, 168, 2), slice(64, 192, 2), slice(int(zs[len(zs) // 2]) - 5, int(zs[len(zs) // 2]) + 5))
-        save_nifti(data / f"image_{i}.nii.gz", np.asarray(image.dataobj)[window].astype(np.float32), affine=image.affine)
-        save_nifti(data / f"label_{i}.nii.gz", label[window].astype(np.uint8), affine=image.affine)
+    data = liver_window(chaos_dir, tmp_path / "data", (1, 2), n_slices=10)
     ensure_pseudolabels(data, tmp_path / "supervoxels", "supervoxels", "chaos", min_size=300)
     (tmp_path / "probe.json").write_text(json.dumps(PROBE))
     configs = REPO / "bundles" / "adnet" / "configs"
