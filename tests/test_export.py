@@ -16,6 +16,7 @@ import json
 import shutil
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import nibabel as nib
 import numpy as np
 import pytest
@@ -27,6 +28,7 @@ from fsmis_monai.engines.inference import load_support
 from fsmis_monai.export import FrozenFewShotSegmenter, trace
 from fsmis_monai.io import FsmisInputError, save_nifti, torch_load, torch_save
 from fsmis_monai.networks.methods import METHODS, build_method
+from fsmis_monai.transforms.overlays import overlay_slices
 
 from _tiny_chaos import LIVER, liver_window
 
@@ -173,6 +175,18 @@ def test_freeze_command_writes_a_bundle_monai_can_check_export_and_run(tiny_scan
     assert pred.shape == src.shape and np.allclose(pred.affine, affine)
     reference = np.asarray(nib.load(tmp_path / "source_pred" / "patient_b_fewshot.nii.gz").dataobj)
     np.testing.assert_array_equal(np.asarray(pred.dataobj), reference)
+    overlay = plt.imread(tmp_path / "frozen_pred" / "patient_b_overlay.png")
+    assert overlay.ndim == 3 and min(overlay.shape[:2]) > 100
+
+
+def test_overlay_slices_are_the_largest_predictions():
+    rng = np.random.default_rng(0)
+    pred = rng.random((16, 16, 7)) > 0.8
+    pred[..., 5] = False
+    area = [int(pred[..., z].sum()) for z in range(7)]
+    largest = sorted(sorted(range(7), key=lambda z: -area[z])[:3])
+    assert overlay_slices(pred, 3) == largest
+    assert overlay_slices(np.zeros((4, 4, 6)), 3) == [3]  # nothing predicted: the middle slice
 
 
 def test_freeze_refuses_bad_inputs(tiny_scans, tmp_path):

@@ -111,6 +111,7 @@ def _inference_config(method_def: dict, spec: dict, refine: bool, size: list[int
         "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
         "image_size": size,
         "sw_batch_size": 1 if single_query else 8,
+        "write_overlays": True,
         "method_def": method_def,
         "network_def": {"_target_": "fsmis_monai.export.FrozenFewShotSegmenter", "method": "@method_def",
                         "support_spec": spec, "refine": refine},
@@ -132,6 +133,8 @@ def _inference_config(method_def: dict, spec: dict, refine: bool, size: list[int
             {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
             {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir", "output_postfix": "seg",
              "output_dtype": "$numpy.uint8", "resample": False, "separate_folder": False, "print_log": False},
+            {"_target_": "fsmis_monai.transforms.overlays.SaveOverlayd", "_disabled_": "$not @write_overlays",
+             "keys": ["image", "pred"], "output_dir": "@output_dir", "n_slices": 3},
         ]},
         "handlers": [
             {"_target_": "CheckpointLoader", "load_path": "@ckpt_path", "load_dict": {"model": "@network"},
@@ -154,7 +157,7 @@ encoded once (class **{cls}**, `{protocol}` support slices {picks} of `{support}
 logits [N, 2, {h}, {w}] (argmax: 1 = {cls}). Refinement at test time: {refine}.
 
 ```bash
-# segment every NIfTI volume of QUERY_DIR; one <name>_seg.nii.gz per query, in the query's geometry
+# segment every NIfTI volume of QUERY_DIR: <name>_seg.nii.gz in the query's geometry + <name>_overlay.png
 python -m monai.bundle run --config_file configs/inference.json --bundle_root . \\
     --dataset_dir QUERY_DIR --output_dir PRED_DIR
 # checks and export (tracing: the methods' support state is a dict torch.jit.script cannot type)
