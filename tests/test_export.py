@@ -175,8 +175,9 @@ def test_freeze_command_writes_a_bundle_monai_can_check_export_and_run(tiny_scan
     assert pred.shape == src.shape and np.allclose(pred.affine, affine)
     reference = np.asarray(nib.load(tmp_path / "source_pred" / "patient_b_fewshot.nii.gz").dataobj)
     np.testing.assert_array_equal(np.asarray(pred.dataobj), reference)
-    overlay = plt.imread(tmp_path / "frozen_pred" / "patient_b_overlay.png")
-    assert overlay.ndim == 3 and min(overlay.shape[:2]) > 100
+    for folder in ("frozen_pred", "source_pred"):  # both inference.json write overlay PNGs beside the NIfTI
+        overlay = plt.imread(tmp_path / folder / "patient_b_overlay.png")
+        assert overlay.ndim == 3 and min(overlay.shape[:2]) > 100
 
 
 def test_overlay_slices_are_the_largest_predictions():
