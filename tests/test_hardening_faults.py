@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -150,3 +151,37 @@ def test_every_file_written_by_the_package_goes_through_atomic_path():
     for path in sorted((REPO / "fsmis_monai").rglob("*.py")):
         offenders += _writes_outside_atomic_path(path)
     assert not offenders, "writers bypassing fsmis_monai.io.atomic_path:\n" + "\n".join(offenders)
+
+
+def test_predictions_are_written_atomically(tmp_path, monkeypatch):
+    """Every bundle's SaveImaged (and the frozen bundle's) uses AtomicNibabelWriter: a write that dies
+    half-way leaves the previous prediction, readable, and no temporary."""
+    import nibabel as nib
+    from monai.data import MetaTensor
+    from monai.transforms import SaveImage
+
+    from fsmis_monai.commands import freeze
+    from fsmis_monai.engines.inference import AtomicNibabelWriter
+
+    writer = "fsmis_monai.engines.inference.AtomicNibabelWriter"
+    for cfg in sorted((REPO / "bundles").glob("*/configs/inference.json")):
+        saves = [t for t in json.loads(cfg.read_text())["postprocessing"]["transforms"] if t["_target_"] == "SaveImaged"]
+        assert saves and all(t.get("writer") == writer for t in saves), cfg
+    assert f'"writer": "{writer}"' in Path(freeze.__file__).read_text()
+
+    save = SaveImage(output_dir=tmp_path, output_postfix="seg", separate_folder=False, print_log=False,
+                     writer=AtomicNibabelWriter, resample=False)
+    meta = {"filename_or_obj": "query.nii.gz", "affine": torch.eye(4)}
+    save(MetaTensor(torch.ones(1, 4, 4, 3), meta=meta))
+    target = tmp_path / "query_seg.nii.gz"
+    assert np.asarray(nib.load(target).dataobj).sum() == 48
+
+    def dies(img, filename):
+        Path(filename).write_bytes(b"partial")
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(nib, "save", dies)
+    with pytest.raises(KeyboardInterrupt):
+        save(MetaTensor(torch.zeros(1, 4, 4, 3), meta=meta))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["query_seg.nii.gz"]
+    assert np.asarray(nib.load(target).dataobj).sum() == 48

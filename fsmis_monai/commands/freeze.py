@@ -132,7 +132,8 @@ def _inference_config(method_def: dict, spec: dict, refine: bool, size: list[int
         "postprocessing": {"_target_": "Compose", "transforms": [
             {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
             {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir", "output_postfix": "seg",
-             "output_dtype": "$numpy.uint8", "resample": False, "separate_folder": False, "print_log": False},
+             "output_dtype": "$numpy.uint8", "resample": False, "separate_folder": False, "print_log": False,
+             "writer": "fsmis_monai.engines.inference.AtomicNibabelWriter"},
             {"_target_": "fsmis_monai.transforms.overlays.SaveOverlayd", "_disabled_": "$not @write_overlays",
              "keys": ["image", "pred"], "output_dir": "@output_dir", "n_slices": 3},
         ]},

@@ -155,7 +155,8 @@ class EpisodeDataset(Dataset):
         if n_shots < 1 or n_queries < 1:
             raise ValueError(f"n_shots and n_queries must be >= 1, got {n_shots} and {n_queries}")
         if length < 1:
-            raise ValueError(f"length must be >= 1, got {length}")
+            raise ValueError(f"length (episodes per epoch; max_iterations x batch_size in the bundles) must be >= 1, "
+                             f"got {length}")
         shapes = {v.spatial_shape for v in volumes}
         if len(shapes) > 1:
             raise ValueError(f"volumes differ in in-plane size {sorted(shapes)}: load them with one image_size")
@@ -269,6 +270,10 @@ class SupervoxelEpisodeDataset(EpisodeDataset):
         self._volumes_with_ids = [i for i, ids in enumerate(self.ids) if ids.size]
         if not self._volumes_with_ids:
             raise ValueError("no supervoxel ids in any training volume")
+        window, longest = self.n_shots + self.n_queries, max(v.num_slices for v in self.volumes)
+        if window > longest:  # fail here, not after max_tries empty draws per item
+            raise ValueError(f"n_shots + n_queries = {window} consecutive slices per episode, but the longest "
+                             f"training volume has {longest} slices; lower n_shots")
 
     def _draw(self, rng: np.random.Generator) -> _Draw | None:
         v = self._volumes_with_ids[rng.integers(len(self._volumes_with_ids))]

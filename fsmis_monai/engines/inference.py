@@ -11,18 +11,19 @@ each axial slice through the evaluation's slice inferer. The query keeps its Met
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
-from monai.data import MetaTensor
+from monai.data import MetaTensor, NibabelWriter
 from monai.inferers import Inferer
 from monai.transforms import NormalizeIntensity
 from torch import nn
 
 from fsmis_monai.data.registry import get_dataset
-from fsmis_monai.io import FsmisInputError, load_nifti
+from fsmis_monai.io import FsmisInputError, atomic_path, load_nifti
 
 
 def load_support(
@@ -40,17 +41,37 @@ def load_support(
     lab, _ = load_nifti(label)
     if img.ndim != 3 or lab.shape != img.shape:
         raise FsmisInputError(f"{label}: label shape {lab.shape} does not match image {image} shape {img.shape} (3D)")
+    if not np.all(np.isfinite(img)):
+        raise FsmisInputError(f"{image}: image contains NaN or infinite values")
     c = get_dataset(dataset).class_id(support_class) if dataset is not None else int(support_class)
     mask = lab == c
     zs = class_slices(mask)
     if zs.size == 0:
         raise FsmisInputError(f"{label}: no voxel has label {c}; pick a class present in the support label "
                               f"(values found: {np.unique(lab).tolist()})")
-    picks = sorted({int(zs[i]) for i in fraction_picks(len(zs), int(n_support_slices))})
+    if int(n_support_slices) > len(zs):
+        warnings.warn(f"{label}: {n_support_slices} support slices asked, class {c} is on {len(zs)} slices; using "
+                      f"those {len(zs)}")
+    picks = sorted({int(zs[i]) for i in fraction_picks(len(zs), min(int(n_support_slices), len(zs)))})
     volume = NormalizeIntensity()(torch.as_tensor(img)[None])[0]
     images = torch.stack([volume[..., z] for z in picks])[:, None].repeat(1, 3, 1, 1)
     masks = torch.stack([torch.as_tensor(mask[..., z], dtype=torch.float32) for z in picks])
     return images.float(), masks
+
+
+def _source(tensor: torch.Tensor) -> str:
+    """The file a (batched) MetaTensor was read from, for error messages."""
+    name = getattr(tensor, "meta", {}).get("filename_or_obj", "query volume")
+    return str(name[0] if isinstance(name, (list, tuple)) and name else name)
+
+
+class AtomicNibabelWriter(NibabelWriter):
+    """MONAI's ``NibabelWriter`` writing through :func:`fsmis_monai.io.atomic_path` (``SaveImaged(writer=...)``):
+    an interrupted inference leaves the previous prediction or none, never a truncated NIfTI."""
+
+    def write(self, filename: Any, verbose: bool = False, **obj_kwargs: Any) -> None:
+        with atomic_path(filename) as tmp:
+            super().write(tmp, verbose=verbose, **obj_kwargs)
 
 
 class FewShotVolumeInferer(Inferer):
@@ -74,7 +95,8 @@ class FewShotVolumeInferer(Inferer):
         from fsmis_monai.engines.checkpoints import unwrap
 
         if inputs.dim() != 5 or inputs.shape[1] not in (1, 3):
-            raise ValueError(f"expected query volumes [B, 1, H, W, D], got shape {tuple(inputs.shape)}")
+            raise FsmisInputError(f"{_source(inputs)}: expected query volumes [B, 1, H, W, D] (3D scans), got shape "
+                                  f"{tuple(inputs.shape)}")
         method = unwrap(network)
         was_training = method.training
         method.eval()
@@ -83,6 +105,8 @@ class FewShotVolumeInferer(Inferer):
             outs = []
             for volume in inputs:
                 queries = volume.as_tensor() if hasattr(volume, "as_tensor") else volume
+                if not torch.isfinite(queries).all():  # NaN would silently become background after argmax
+                    raise FsmisInputError(f"{_source(volume)}: query volume contains NaN or infinite values")
                 queries = queries.expand(3, *queries.shape[1:]) if queries.shape[0] == 1 else queries
                 outs.append(self.slices(method, queries, state).to(inputs.device))
         finally:

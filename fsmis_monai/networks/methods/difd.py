@@ -352,6 +352,7 @@ class DIFD(FewShotSegmenter):
 
     def segment(self, query_images: torch.Tensor, state: SupportState) -> torch.Tensor:
         enc = self.encoder(query_images)
+        state = {**state, "image_size": tuple(query_images.shape[-2:])}  # logits at the query's size, not the support's
         return self.query_logits(enc[self.feature_key], enc["tau"], state)
 
     # -- training --------------------------------------------------------------------------------------

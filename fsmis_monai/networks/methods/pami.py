@@ -318,6 +318,7 @@ class PAMI(FewShotSegmenter):
 
     def segment(self, query_images: torch.Tensor, state: SupportState) -> torch.Tensor:
         enc = self.encoder(query_images)
+        state = {**state, "image_size": tuple(query_images.shape[-2:])}  # logits at the query's size, not the support's
         return foreground_probability_to_logits(self.predict(enc, enc["tau"], state))
 
     # -- training --------------------------------------------------------------------------------------
