@@ -12,7 +12,8 @@ Export (TorchScript via ``ckpt_export``, ONNX via ``onnx_export``) is by ``torch
 ``torch.jit.script`` cannot type. Tracing records the operations for the traced input size: the in-plane
 size is fixed anyway (the support's size), and the batch size is free for the vectorised methods; PAMI
 refines its prototypes query by query (a Python loop over the batch), so its traced graph is fixed to the
-traced batch size (the frozen bundles infer with ``sw_batch_size`` 1 for it).
+traced batch size (export it with ``--input_shape "[1, 3, H, W]"`` and feed one slice at a time; another
+batch size fails with an error, it is never silently wrong). The eager frozen module has no such limit.
 
 Q-Net refines its prototypes at test time with Adam steps (autograd inside ``segment``), which neither a
 trace nor ONNX can record. Such a method (``test_time_grad`` true) runs eagerly with its refinement, but

@@ -73,6 +73,11 @@ def test_frozen_module_matches_method_and_trace(name, tiny_scans):
         torch.testing.assert_close(rebuilt.eval()(queries), eager, atol=1e-6, rtol=0)
         traced = trace(frozen, queries)
         torch.testing.assert_close(traced(queries), eager, atol=1e-5, rtol=1e-4)
+        if name == "pami":  # per-query refinement: the trace keeps its batch size and refuses another one
+            with pytest.raises(RuntimeError):
+                traced(queries[:1])
+        else:
+            torch.testing.assert_close(traced(queries[:1]), frozen(queries[:1]), atol=1e-5, rtol=1e-4)
 
 
 def test_test_time_refinement_runs_eagerly_and_refuses_tracing(tiny_scans):

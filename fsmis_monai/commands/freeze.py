@@ -220,7 +220,7 @@ def freeze_bundle(bundle: Path, support_image: Path, support_label: Path, suppor
     meta = _metadata(read_json(bundle / "configs" / "metadata.json"), bundle.name, support_class, protocol, picks,
                      size, Path(support_image))
     config = _inference_config(method_def, frozen.support_spec, refine, size,
-                               bundle.name == "pami" or bool(getattr(method, "requires_single_query", False)))
+                               bool(getattr(method, "requires_single_query", False)))
     refine_text = ("kept (eager only; exports need --no-refinement)" if not frozen.exportable
                    else "none" if refine else "dropped (--no-refinement)")
     staging = output.with_name(output.name + ".partial")
