@@ -169,6 +169,10 @@ def torch_load(path: str | os.PathLike[str], map_location: Any = "cpu") -> Any:
         raise FsmisInputError(f"{p}: checkpoint not found")
     if p.stat().st_size == 0:
         raise FsmisInputError(f"{p}: checkpoint is empty (0 bytes)")
+    with open(p, "rb") as fh:
+        head = fh.read(2)
+    if not (head == b"PK" or head[:1] == b"\x80"):  # torch.save's zip, or a legacy (pre-1.6) pickle
+        raise FsmisInputError(f"{p}: not a PyTorch checkpoint (neither torch.save's zip format nor a legacy one)")
     try:
         return torch.load(p, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:

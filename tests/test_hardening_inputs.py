@@ -364,3 +364,36 @@ def test_config_errors_are_clear(scans, tmp_path):
             _parse("train#dataset", **{**base, "max_iterations": iterations, "min_size": 1})
         assert f"max_iterations x batch_size in the bundles) must be >= 1, got {iterations}" in _message(err)
     assert len(_parse("train#dataset", **{**base, "max_iterations": 3, "min_size": 1})) == 3
+
+
+# ------------------------------------------------------------------------------------------- raw DICOM
+
+
+@pytest.mark.parametrize("fault", ["truncated", "not_dicom", "stray_note"])
+def test_damaged_dicom_slice_is_named_and_a_stray_note_ignored(chaos_dir, tmp_path, fault):
+    """A CHAOS series (real slices written as DICOM): a truncated slice or a ``.dcm`` that is no DICOM fails
+    the scan naming that file (readers would drop it silently: a lost slice); a note in the folder is ignored."""
+    from test_preprocessing import load_real, make_chaos_raw
+
+    from fsmis_monai.preprocess import run_preprocessing
+
+    image, label, affine = load_real(chaos_dir, 1, slice(19, 22))
+    raw = make_chaos_raw(tmp_path / "raw", 1, image, label, affine)
+    victim = sorted((raw / "DICOM_anon").iterdir())[1]
+    if fault == "truncated":
+        data = victim.read_bytes()
+        victim.write_bytes(data[: len(data) // 2])
+    elif fault == "not_dicom":
+        victim.write_bytes(b"not a DICOM file" * 64)
+    else:
+        (raw / "DICOM_anon" / "notes.txt").write_text("scanned on the old machine")
+    report = run_preprocessing("chaos_mr_t2", tmp_path / "raw", tmp_path / "out", progress=False)
+    if fault == "stray_note":
+        assert report.ok
+        assert nib.load(tmp_path / "out" / "image_1.nii.gz").shape[2] == 3
+        return
+    assert not report.ok
+    (message,) = report.failed.values()
+    expected = "damaged DICOM slice" if fault == "truncated" else "not a DICOM file"
+    assert message.startswith(f"{victim}: {expected}"), message
+    assert not list((tmp_path / "out").glob("image_*.nii.gz"))

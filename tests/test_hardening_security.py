@@ -122,3 +122,21 @@ def test_readme_says_bundle_configs_execute_python():
     readme = (REPO / "README.md").read_text()
     section = readme[readme.index("## Security"):]
     assert "execute" in section and "weights_only" in section
+
+
+def test_damaged_checkpoint_is_a_clear_error(malicious_checkpoint, tmp_path):
+    """Truncated, zero-byte, missing and non-checkpoint files: errors naming the file, never a traceback."""
+    good = tmp_path / "good.pt"
+    torch.save({"weight": torch.ones(3)}, good)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint")
+    for path, problem in ((truncated, "cannot read checkpoint"), (empty, "empty"), (text, "not a PyTorch checkpoint"),
+                          (tmp_path / "missing.pt", "not found")):
+        with pytest.raises(FsmisInputError, match=problem) as err:
+            torch_load(path)
+        assert str(path) in str(err.value)
+    assert torch.equal(torch_load(good)["weight"], torch.ones(3))

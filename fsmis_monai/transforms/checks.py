@@ -56,7 +56,25 @@ def check_raw_path(path: str | Path, dicom_series: bool = False) -> Path:
         raise FsmisInputError(f"{p}: folder is empty" + (" (empty DICOM series)" if dicom_series else ""))
     if dicom_series and not dicom_files(p):
         raise FsmisInputError(f"{p}: empty DICOM series (no DICOM file among {len(files)} files)")
+    if dicom_series:  # readers skip a non-DICOM file silently; one named *.dcm is a lost slice, not a stray note
+        import pydicom
+
+        fake = [f for f in files if f.suffix.lower() == ".dcm" and not pydicom.misc.is_dicom(f)]
+        if fake:
+            raise FsmisInputError(f"{fake[0]}: not a DICOM file (no DICM header) in the series {p}")
     return p
+
+
+def unreadable_dicom(folder: Path) -> tuple[Path, Exception] | None:
+    """The first DICOM file of ``folder`` whose pixel data cannot be decoded (to name it when a series fails)."""
+    import pydicom
+
+    for f in dicom_files(folder):
+        try:
+            pydicom.dcmread(f).pixel_array
+        except Exception as e:  # pydicom raises ValueError/EOFError/AttributeError... for damaged files
+            return f, e
+    return None
 
 
 class CheckedLoadImaged(MapTransform):
@@ -84,6 +102,10 @@ class CheckedLoadImaged(MapTransform):
                 loaded = self.loader({key: str(path)})[key]
             except Exception as e:  # readers raise RuntimeError/OSError/ValueError/IndexError...
                 cause = e.__cause__ or e
+                culprit = unreadable_dicom(path) if path.is_dir() else None
+                if culprit is not None:
+                    raise FsmisInputError(f"{culprit[0]}: damaged DICOM slice ({type(culprit[1]).__name__}: "
+                                          f"{culprit[1]}) in the series {path}") from e
                 raise FsmisInputError(
                     f"{path}: cannot read with {self.reader_name or 'MONAI LoadImage'} ({type(cause).__name__}: {cause})"
                 ) from e
