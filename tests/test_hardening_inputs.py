@@ -314,6 +314,8 @@ def test_empty_support_mask_and_other_query_size(scans, method):
     with torch.no_grad():
         logits = net.segment(query, net.encode_support(support, torch.zeros_like(mask)))
     assert logits.shape == (1, 2, SIZE, SIZE) and torch.isfinite(logits).all()
+    if method in ("ssl_alpnet", "adnet", "lslpn"):  # no foreground prototype: all background
+        assert (logits.argmax(1) == 0).all()
     _, _, big = _real_episode(scans, 80)
     with torch.no_grad():
         state = net.encode_support(support, mask)
