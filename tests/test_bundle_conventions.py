@@ -12,7 +12,9 @@ for EVERY bundle in ``bundles/``:
   A few-shot method takes (support images, support masks, query) and a dict of losses, so, like the zoo's
   multi-input bundles, it is checked in its single-input form: the bundle frozen with ``fsmis freeze`` on a
   tiny checkpoint (small encoder, random weights), then ``verify_net_in_out`` and ``ckpt_export``
-  (``use_trace``) on that bundle, and the TorchScript module loads and reproduces the eager logits (1e-5).
+  (``use_trace``) on that bundle, and the TorchScript module loads and reproduces the eager logits (1e-5);
+  ``onnx_export`` too (graph checked by ``onnx.checker``; logits of ONNX's reference evaluator within 1e-4 abs + 1e-4 rel (NumPy float32 sums),
+  except LSLPN's graph, which that evaluator cannot run).
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigParser, ConfigWorkflow, ckpt_export, verify_metadata, verify_net_in_out
+import onnx
+from monai.bundle import ConfigParser, ConfigWorkflow, ckpt_export, onnx_export, verify_metadata, verify_net_in_out
+from onnx.reference import ReferenceEvaluator
 
 from fsmis_monai.commands.freeze import freeze_bundle, method_definition
 from fsmis_monai.engines import ensure_pseudolabels
@@ -114,7 +118,7 @@ def test_check_properties_train_and_inference(bundle, tiny, tmp_path):
 
 
 @pytest.mark.parametrize("bundle", BUNDLES)
-def test_data_shape_and_torchscript_export_of_the_frozen_bundle(bundle, tiny, tmp_path):
+def test_data_shape_torchscript_and_onnx_export_of_the_frozen_bundle(bundle, tiny, tmp_path):
     torch.set_num_threads(1)
     data = tiny / "data"
     overrides = {"encoder": "small", "image_size": 64}
@@ -134,4 +138,12 @@ def test_data_shape_and_torchscript_export_of_the_frozen_bundle(bundle, tiny, tm
     vol = np.asarray(nib.load(data / "image_2.nii.gz").dataobj, dtype=np.float64)
     query = torch.as_tensor((vol[..., 4] - vol.mean()) / vol.std(), dtype=torch.float32)[None, None].repeat(1, 3, 1, 1)
     with torch.no_grad():
-        torch.testing.assert_close(scripted(query), eager.eval()(query), atol=1e-5, rtol=0)
+        expected = eager.eval()(query)
+        torch.testing.assert_close(scripted(query), expected, atol=1e-5, rtol=0)
+    onnx_export(net_id="network_def", filepath=str(tmp_path / "model.onnx"), ckpt_file=str(frozen_dir / "models" / "model.pt"),
+                use_trace=True, input_shape=[1, 3, 64, 64], converter_kwargs={"dynamo": False}, **common)
+    graph = onnx.load(str(tmp_path / "model.onnx"))
+    onnx.checker.check_model(graph)
+    if bundle != "lslpn":  # onnx.reference cannot run LSLPN's graph ("at most 64 array objects", a NumPy limit)
+        (logits,) = ReferenceEvaluator(graph).run(None, {graph.graph.input[0].name: query.numpy()})
+        np.testing.assert_allclose(logits, expected.numpy(), atol=1e-4, rtol=1e-4)
