@@ -71,7 +71,8 @@ def main() -> None:
         frozen = FrozenFewShotSegmenter.from_support(method, support, support_mask)
         traced = trace(frozen, queries)
         with torch.no_grad():
-            per_call = cpu_time(lambda: method.segment(queries, method.encode_support(support, support_mask)), args.repeats)
+            per_call = cpu_time(lambda: method.segment(queries, method.encode_support(support, support_mask)),
+                                args.repeats)
             eager = cpu_time(lambda: frozen(queries), args.repeats)
             jit = cpu_time(lambda: traced(queries), args.repeats)
         print(f"| {name} | {per_call:.3f} | {eager:.3f} | {jit:.3f} | {eager / per_call:.2f} | {jit / eager:.2f} |")

@@ -39,6 +39,10 @@ def _leaf_name(path: tuple[str, ...]) -> str:
     return "support_" + "_".join(re.sub(r"\W", "_", p) for p in path)
 
 
+def _is_tensor_or_container(value: Any) -> bool:
+    return torch.is_tensor(value) or isinstance(value, (Mapping, list, tuple))
+
+
 def support_spec(state: Any, path: tuple[str, ...] = ()) -> dict:
     """The JSON-serialisable structure of a support state: tensors become ``{"tensor": buffer name, "shape",
     "dtype"}``, dicts ``{"dict": {...}}``, lists and tuples holding tensors ``{"list"|"tuple": [...]}``, and
@@ -47,7 +51,7 @@ def support_spec(state: Any, path: tuple[str, ...] = ()) -> dict:
         return {"tensor": _leaf_name(path), "shape": list(state.shape), "dtype": str(state.dtype).replace("torch.", "")}
     if isinstance(state, Mapping):
         return {"dict": {str(k): support_spec(v, path + (str(k),)) for k, v in state.items()}}
-    if isinstance(state, (list, tuple)) and any(torch.is_tensor(v) or isinstance(v, (Mapping, list, tuple)) for v in state):
+    if isinstance(state, (list, tuple)) and any(_is_tensor_or_container(v) for v in state):
         kind = "tuple" if isinstance(state, tuple) else "list"
         return {kind: [support_spec(v, path + (str(i),)) for i, v in enumerate(state)]}
     if isinstance(state, tuple):

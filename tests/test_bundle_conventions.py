@@ -13,8 +13,8 @@ for EVERY bundle in ``bundles/``:
   multi-input bundles, it is checked in its single-input form: the bundle frozen with ``fsmis freeze`` on a
   tiny checkpoint (small encoder, random weights), then ``verify_net_in_out`` and ``ckpt_export``
   (``use_trace``) on that bundle, and the TorchScript module loads and reproduces the eager logits (1e-5);
-  ``onnx_export`` too (graph checked by ``onnx.checker``; logits of ONNX's reference evaluator within 1e-4 abs + 1e-4 rel (NumPy float32 sums),
-  except LSLPN's graph, which that evaluator cannot run).
+  ``onnx_export`` too (graph checked by ``onnx.checker``; logits of ONNX's reference evaluator within
+  1e-4 abs + 1e-4 rel, NumPy float32 sums; not for LSLPN's graph, which that evaluator cannot run).
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ ZOO_FILES = ("LICENSE", "configs/metadata.json", "configs/inference.json", "docs
 COMMON_KEYS = ("bundle_root", "device", "dataset_dir", "network_def", "network", "ckpt_path")
 TRAIN_KEYS = COMMON_KEYS + ("inferer", "optimizer", "train#trainer", "train#dataset", "train#dataloader",
                             "train#handlers", "train#trainer#max_epochs", "initialize", "run", "finalize")
+CHECKPOINT_LOADERS = ("CheckpointLoader", "fsmis_monai.engines.TrainingCheckpoints")
 INFER_KEYS = COMMON_KEYS + ("inferer", "dataset", "preprocessing", "postprocessing", "evaluator", "handlers",
                             "initialize", "run")
 
@@ -80,11 +81,12 @@ def test_config_keys_the_zoo_expects(bundle):
     for name, keys in (("train.json", TRAIN_KEYS), ("inference.json", INFER_KEYS)):
         parser = ConfigParser()
         parser.read_config(str(configs / name))
-        assert not [k for k in keys if k not in parser], f"{bundle}/{name}: missing {[k for k in keys if k not in parser]}"
+        missing = [k for k in keys if k not in parser]
+        assert not missing, f"{bundle}/{name}: missing {missing}"
         assert parser["bundle_root"] == "."  # relative: the bundle works wherever it is unpacked (--bundle_root)
         assert isinstance(parser.get_parsed_content("device"), torch.device)  # resolves on a CPU-only machine
         handlers = parser.get("handlers" if name == "inference.json" else "train#handlers")
-        loaders = [h for h in handlers if h.get("_target_") in ("CheckpointLoader", "fsmis_monai.engines.TrainingCheckpoints")]
+        loaders = [h for h in handlers if h.get("_target_") in CHECKPOINT_LOADERS]
         assert loaders and all("map_location" in h for h in loaders), f"{bundle}/{name}: checkpoints must load on CPU"
 
 
@@ -122,15 +124,17 @@ def test_data_shape_torchscript_and_onnx_export_of_the_frozen_bundle(bundle, tin
     torch.set_num_threads(1)
     data = tiny / "data"
     overrides = {"encoder": "small", "image_size": 64}
-    network = ConfigParser({"net": method_definition(REPO / "bundles" / bundle, overrides)[0]}).get_parsed_content("net")
+    method_def, _ = method_definition(REPO / "bundles" / bundle, overrides)
+    network = ConfigParser({"net": method_def}).get_parsed_content("net")
     ckpt = torch_save(network.state_dict(), tmp_path / "tiny.pt")
     frozen_dir = freeze_bundle(REPO / "bundles" / bundle, data / "image_1.nii.gz", data / "label_1.nii.gz", "liver",
                                tmp_path / "frozen", ckpt_path=ckpt, protocol="ep2", refine=False, overrides=overrides)
     common = dict(meta_file=str(frozen_dir / "configs" / "metadata.json"),
                   config_file=str(frozen_dir / "configs" / "inference.json"), bundle_root=str(frozen_dir))
+    export = dict(net_id="network_def", ckpt_file=str(frozen_dir / "models" / "model.pt"), use_trace=True,
+                  input_shape=[1, 3, 64, 64], **common)
     verify_net_in_out(net_id="network_def", device="cpu", **common)
-    ckpt_export(net_id="network_def", filepath=str(tmp_path / "model.ts"), ckpt_file=str(frozen_dir / "models" / "model.pt"),
-                use_trace=True, input_shape=[1, 3, 64, 64], **common)
+    ckpt_export(filepath=str(tmp_path / "model.ts"), **export)
     scripted = torch.jit.load(str(tmp_path / "model.ts"))
     spec = json.loads((frozen_dir / "configs" / "inference.json").read_text())["network_def"]["support_spec"]
     eager = FrozenFewShotSegmenter(network, spec, refine=False)
@@ -140,8 +144,7 @@ def test_data_shape_torchscript_and_onnx_export_of_the_frozen_bundle(bundle, tin
     with torch.no_grad():
         expected = eager.eval()(query)
         torch.testing.assert_close(scripted(query), expected, atol=1e-5, rtol=0)
-    onnx_export(net_id="network_def", filepath=str(tmp_path / "model.onnx"), ckpt_file=str(frozen_dir / "models" / "model.pt"),
-                use_trace=True, input_shape=[1, 3, 64, 64], converter_kwargs={"dynamo": False}, **common)
+    onnx_export(filepath=str(tmp_path / "model.onnx"), converter_kwargs={"dynamo": False}, **export)
     graph = onnx.load(str(tmp_path / "model.onnx"))
     onnx.checker.check_model(graph)
     if bundle != "lslpn":  # onnx.reference cannot run LSLPN's graph ("at most 64 array objects", a NumPy limit)

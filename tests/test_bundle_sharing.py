@@ -64,8 +64,8 @@ def test_zipped_frozen_bundle_loads_as_the_frozen_network(chaos_dir, tmp_path):
     data = liver_window(chaos_dir, tmp_path / "data", (1,), n_slices=12)
     torch.manual_seed(1)
     ckpt = torch_save(build_method("ssl_alpnet", encoder="small").state_dict(), tmp_path / "alp.pt")
-    frozen_dir = freeze_bundle(REPO / "bundles" / "ssl_alpnet", data / "image_1.nii.gz", data / "label_1.nii.gz", "liver",
-                               tmp_path / "liver_alpnet", ckpt_path=ckpt, protocol="ep2",
+    frozen_dir = freeze_bundle(REPO / "bundles" / "ssl_alpnet", data / "image_1.nii.gz", data / "label_1.nii.gz",
+                               "liver", tmp_path / "liver_alpnet", ckpt_path=ckpt, protocol="ep2",
                                overrides={"encoder": "small"})
     downloaded = _publish(frozen_dir, "liver_alpnet", tmp_path / "pub")
     original = load(name="liver_alpnet", bundle_dir=str(frozen_dir.parent), workflow_type="inference", device="cpu")

@@ -67,7 +67,8 @@ def test_frozen_module_matches_method_and_trace(name, tiny_scans):
     assert eager.shape == (3, 2, 64, 64)
     torch.testing.assert_close(eager, expected, atol=1e-6, rtol=0)
     # a fresh module from the spec + state dict (what a bundle's CheckpointLoader does) is the same network
-    rebuilt = FrozenFewShotSegmenter(_method(name, **({"refine_steps": 0} if name == "qnet" else {})), frozen.support_spec)
+    no_refinement = {"refine_steps": 0} if name == "qnet" else {}
+    rebuilt = FrozenFewShotSegmenter(_method(name, **no_refinement), frozen.support_spec)
     rebuilt.load_state_dict(frozen.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(rebuilt.eval()(queries), eager, atol=1e-6, rtol=0)
@@ -125,7 +126,8 @@ def test_freeze_command_writes_a_bundle_monai_can_check_export_and_run(tiny_scan
     meta, config = str(out / "configs" / "metadata.json"), str(out / "configs" / "inference.json")
     shutil.copy(SCHEMA, tmp_path / SCHEMA.name)
     verify_metadata(meta_file=meta, filepath=str(tmp_path / SCHEMA.name))
-    assert json.loads((out / "configs" / "metadata.json").read_text())["network_data_format"]["inputs"].keys() == {"image"}
+    inputs = json.loads((out / "configs" / "metadata.json").read_text())["network_data_format"]["inputs"]
+    assert inputs.keys() == {"image"}
 
     # the stored support is the ep1 picks of the support scan, encoded by the checkpoint's network
     picks, support_images = _expected_support(tiny_scans, 3)
@@ -138,7 +140,8 @@ def test_freeze_command_writes_a_bundle_monai_can_check_export_and_run(tiny_scan
 
     common = dict(meta_file=meta, config_file=config, bundle_root=str(out))
     verify_net_in_out(net_id="network_def", device="cpu", **common)
-    frozen = FrozenFewShotSegmenter(_method("adnet"), json.loads(Path(config).read_text())["network_def"]["support_spec"])
+    spec = json.loads(Path(config).read_text())["network_def"]["support_spec"]
+    frozen = FrozenFewShotSegmenter(_method("adnet"), spec)
     frozen.load_state_dict(state)
     queries = _queries(tiny_scans, 1)
     with torch.no_grad():

@@ -52,7 +52,8 @@ def test_two_process_gloo_training(chaos_dir, tmp_path):
            "--bundle_root", str(REPO / "bundles" / "adnet"), "--dataset_dir", str(data),
            "--pseudolabel_dir", str(tmp_path / "supervoxels"), "--generate_pseudolabels", "False",
            "--fold", "$None", "--encoder", "small", "--image_size", "64", "--max_iterations", str(ITERATIONS),
-           "--num_workers", "0", "--val_interval", "0", "--progress_bar", "False", "--log_interval", "1", "--image_interval", "1",
+           "--num_workers", "0", "--val_interval", "0", "--progress_bar", "False", "--log_interval", "1",
+           "--image_interval", "1",
            "--save_interval", "2", "--output_dir", str(out), "--ckpt_path", str(out / "model.pt")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
