@@ -70,6 +70,7 @@ def test_same_seed_same_losses_weights_and_predictions_across_worker_counts(run_
     a, b = torch_load(run_data / "w0" / "model.pt"), torch_load(run_data / "w2" / "model.pt")
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    assert torch.equal(_predict(run_data, run_data / "w0" / "model.pt"), _predict(run_data, run_data / "w2" / "model.pt"))
+    predictions = [_predict(run_data, run_data / w / "model.pt") for w in ("w0", "w2")]
+    assert torch.equal(*predictions)
     other = _train(run_data, run_data / "seed2", num_workers=0, seed=7)
     assert other != zero  # another seed: other episodes, other losses

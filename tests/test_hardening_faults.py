@@ -123,7 +123,7 @@ _WRITERS = {"save", "savefig", "to_csv", "write_text", "write_bytes", "savez", "
 
 def _writes_outside_atomic_path(path: Path) -> list[str]:
     """``module:line call`` for every writing call not inside a ``with atomic_path(...)`` block."""
-    tree = ast.parse(path.read_text())
+    tree = ast.parse(path.read_text(encoding="utf-8"))
     safe: set[int] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.With) and any("atomic_path" in ast.unparse(i.context_expr) for i in node.items):
@@ -165,9 +165,10 @@ def test_predictions_are_written_atomically(tmp_path, monkeypatch):
 
     writer = "fsmis_monai.engines.inference.AtomicNibabelWriter"
     for cfg in sorted((REPO / "bundles").glob("*/configs/inference.json")):
-        saves = [t for t in json.loads(cfg.read_text())["postprocessing"]["transforms"] if t["_target_"] == "SaveImaged"]
+        transforms = json.loads(cfg.read_text(encoding="utf-8"))["postprocessing"]["transforms"]
+        saves = [t for t in transforms if t["_target_"] == "SaveImaged"]
         assert saves and all(t.get("writer") == writer for t in saves), cfg
-    assert f'"writer": "{writer}"' in Path(freeze.__file__).read_text()
+    assert f'"writer": "{writer}"' in Path(freeze.__file__).read_text(encoding="utf-8")
 
     save = SaveImage(output_dir=tmp_path, output_postfix="seg", separate_folder=False, print_log=False,
                      writer=AtomicNibabelWriter, resample=False)

@@ -4,7 +4,6 @@ file and the problem, or in a defined behaviour checked here (docs/hardening.md 
 from __future__ import annotations
 
 import gzip
-import json
 import shutil
 from pathlib import Path
 
@@ -33,7 +32,8 @@ def scans(chaos_dir, tmp_path_factory) -> Path:
     quadrants[: SIZE // 2, : SIZE // 2] = 1
     quadrants[SIZE // 2 :, SIZE // 2 :] = 2
     for i in (1, 2):
-        save_nifti(pseudo / f"superpix-MIDDLE_{i}.nii.gz", quadrants, affine=nib.load(root / f"image_{i}.nii.gz").affine)
+        affine = nib.load(root / f"image_{i}.nii.gz").affine
+        save_nifti(pseudo / f"superpix-MIDDLE_{i}.nii.gz", quadrants, affine=affine)
     return root
 
 

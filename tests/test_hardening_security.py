@@ -84,7 +84,7 @@ def test_no_unsafe_loading_or_code_execution_in_the_package():
     """``torch.load`` only with ``weights_only=True`` (literal); no eval/exec/pickle/marshal/np.load(allow_pickle)."""
     problems = []
     for path in sorted([*(REPO / "fsmis_monai").rglob("*.py"), *(REPO / "bench").rglob("*.py")]):
-        tree = ast.parse(path.read_text())
+        tree = ast.parse(path.read_text(encoding="utf-8"))
         where = lambda n: f"{path.relative_to(REPO)}:{n.lineno}"  # noqa: E731
         for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
@@ -111,7 +111,7 @@ def test_bundle_inference_configs_load_checkpoints_through_monai_checkpoint_load
     """Bundles read weights only with MONAI's CheckpointLoader (weights_only=True in MONAI 1.6), never
     with a ``$torch.load`` expression of their own."""
     for cfg in sorted((REPO / "bundles").glob("*/configs/*.json")):
-        text = cfg.read_text()
+        text = cfg.read_text(encoding="utf-8")
         assert "torch.load" not in text and "pickle" not in text, cfg
         if cfg.name == "inference.json":
             targets = [h.get("_target_") for h in json.loads(text).get("handlers", [])]
@@ -119,7 +119,7 @@ def test_bundle_inference_configs_load_checkpoints_through_monai_checkpoint_load
 
 
 def test_readme_says_bundle_configs_execute_python():
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
     section = readme[readme.index("## Security"):]
     assert "execute" in section and "weights_only" in section
 
