@@ -177,6 +177,7 @@ def test_freeze_command_writes_a_bundle_monai_can_check_export_and_run(tiny_scan
                                device="$torch.device('cpu')")
     for wf in (frozen_wf, source_wf):
         wf.initialize()
+        assert wf.check_properties() == []
         wf.run()
         wf.finalize()
     pred = nib.load(tmp_path / "frozen_pred" / "patient_b_seg.nii.gz")
