@@ -199,7 +199,7 @@ def test_overlay_slices_are_the_largest_predictions():
     assert overlay_slices(np.zeros((4, 4, 6)), 3) == [3]  # nothing predicted: the middle slice
 
 
-def test_freeze_refuses_bad_inputs(tiny_scans, tmp_path):
+def test_freeze_refuses_bad_inputs(tiny_scans, tmp_path, capsys):
     kwargs = dict(support_image=tiny_scans / "image_1.nii.gz", support_label=tiny_scans / "label_1.nii.gz",
                   support_class="liver", overrides={"encoder": "small"})
     from fsmis_monai.commands.freeze import freeze_bundle
@@ -215,3 +215,8 @@ def test_freeze_refuses_bad_inputs(tiny_scans, tmp_path):
         freeze_bundle(REPO / "bundles" / "adnet", output=tmp_path / "b", ckpt_path=ok,
                       **{**kwargs, "support_class": 4})
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    argv = ["freeze", "--bundle", str(REPO / "bundles" / "adnet"), "--ckpt_path", str(ok), "--support-image",
+            str(kwargs["support_image"]), "--support-label", str(kwargs["support_label"]), "--output", str(tmp_path / "c"),
+            "--set", 'encoder="small"', "--class", "pancreas"]
+    assert fsmis_main(argv) == 1  # the command reports the unknown class instead of a traceback
+    assert "pancreas" in capsys.readouterr().err and not (tmp_path / "c").exists()

@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -242,9 +243,15 @@ def freeze_bundle(bundle: Path, support_image: Path, support_label: Path, suppor
 
 
 def run(args: argparse.Namespace) -> int:
+    from fsmis_monai.io import FsmisInputError
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    out = freeze_bundle(args.bundle, args.support_image, args.support_label, args.support_class, args.output,
-                        ckpt_path=args.ckpt_path, protocol=args.protocol, refine=not args.no_refinement,
-                        overrides=_parse_overrides(args.overrides))
+    try:
+        out = freeze_bundle(args.bundle, args.support_image, args.support_label, args.support_class, args.output,
+                            ckpt_path=args.ckpt_path, protocol=args.protocol, refine=not args.no_refinement,
+                            overrides=_parse_overrides(args.overrides))
+    except (FsmisInputError, KeyError) as e:  # KeyError: a class name the dataset does not know
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(out)
     return 0
