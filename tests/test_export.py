@@ -216,7 +216,7 @@ def test_freeze_refuses_bad_inputs(tiny_scans, tmp_path, capsys):
                       **{**kwargs, "support_class": 4})
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     argv = ["freeze", "--bundle", str(REPO / "bundles" / "adnet"), "--ckpt_path", str(ok), "--support-image",
-            str(kwargs["support_image"]), "--support-label", str(kwargs["support_label"]), "--output", str(tmp_path / "c"),
-            "--set", 'encoder="small"', "--class", "pancreas"]
+            str(kwargs["support_image"]), "--support-label", str(kwargs["support_label"]),
+            "--output", str(tmp_path / "c"), "--set", 'encoder="small"', "--class", "pancreas"]
     assert fsmis_main(argv) == 1  # the command reports the unknown class instead of a traceback
     assert "pancreas" in capsys.readouterr().err and not (tmp_path / "c").exists()
