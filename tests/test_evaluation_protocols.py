@@ -130,3 +130,16 @@ def test_summary_means_over_scans_classes_and_folds():
     c4 = [np.mean([dice[(f, q, 4)] for q in (1, 2, 3)]) for f in (0, 1)]
     assert s["protocols"]["ep1"]["classes"]["4"]["std_over_folds"] == pytest.approx(np.std(c4), abs=1e-12)
     assert s["folds"]["1"]["ep1"]["classes"]["4"]["n_empty"] == 1 and s["protocols"]["ep1"]["n_empty"] == 1
+
+
+def test_bad_inputs_are_named(chaos_dir, tmp_path):
+    from fsmis_monai.io import FsmisInputError
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for kind in ("image", "label"):
+        (data / f"{kind}_1.nii.gz").symlink_to(chaos_dir / f"{kind}_1.nii.gz")
+    with pytest.raises(FsmisInputError, match=r"needs scans \[3, 2, 5, 8\]"):  # fold 0: support 3, queries 2, 5, 8
+        evaluate(SupportMaskModel(), data, fold=0, progress=False)
+    with pytest.raises(ValueError, match="unknown protocol 'ep3'"):
+        evaluate(SupportMaskModel(), data, fold=0, protocols="ep1,ep3", progress=False)
