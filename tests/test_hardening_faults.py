@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from fsmis_monai.engines import ensure_pseudolabels
-from fsmis_monai.io import torch_load
+from fsmis_monai.io import FsmisInputError, torch_load
 
 from _hardening_data import REPO, TRAIN_SCRIPT, train_overrides, write_chaos_window
 
@@ -114,6 +114,25 @@ def test_checkpoint_saver_is_atomic(tmp_path, monkeypatch):
     assert names == ["checkpoint_iteration=1.pt"], names  # no truncated iteration-2 file, no leftover temp
     saved = torch_load(tmp_path / "checkpoint_iteration=1.pt")
     assert torch.equal(saved["network"]["weight"], after_first[0])  # the state after iteration 1
+
+
+def test_damaged_newest_checkpoint_is_named_on_resume(tmp_path):
+    """A truncated newest checkpoint (e.g. left by a version without atomic saves): resume stops with an
+    error naming it instead of PyTorch's anonymous zip error; once it is deleted, the previous one is used."""
+    from ignite.engine import Engine
+
+    from fsmis_monai.engines import TrainingCheckpoints
+
+    net = torch.nn.Linear(3, 2)
+    torch.save({"network": net.state_dict()}, tmp_path / "checkpoint_iteration=2.pt")
+    data = (tmp_path / "checkpoint_iteration=2.pt").read_bytes()
+    (tmp_path / "checkpoint_iteration=4.pt").write_bytes(data[: len(data) // 2])
+    handler = TrainingCheckpoints(tmp_path, {"network": net}, save_interval=0)
+    with pytest.raises(FsmisInputError, match=r"checkpoint_iteration=4\.pt: damaged checkpoint"):
+        handler.attach(Engine(lambda e, b: None))
+    (tmp_path / "checkpoint_iteration=4.pt").unlink()
+    handler.attach(Engine(lambda e, b: None))
+    assert handler.resumed_from == str(tmp_path / "checkpoint_iteration=2.pt")
 
 
 # Calls that write a file. fsmis_monai.io wraps each in atomic_path; anything else must go through it too.

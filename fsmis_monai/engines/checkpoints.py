@@ -11,6 +11,7 @@ successful completion write the bare network weights to ``final_path`` (the bund
 from __future__ import annotations
 
 import logging
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -19,7 +20,7 @@ from monai.handlers import CheckpointLoader, CheckpointSaver
 from torch import nn
 
 from fsmis_monai.engines.resume import latest_checkpoint
-from fsmis_monai.io import torch_save
+from fsmis_monai.io import FsmisInputError, torch_save
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +90,9 @@ class TrainingCheckpoints:
         if self.resume:
             self.resumed_from = latest_checkpoint(self.ckpt_dir)
             if self.resumed_from is not None:
+                if not zipfile.is_zipfile(self.resumed_from):  # PyTorch's own message would not name the file
+                    raise FsmisInputError(f"{self.resumed_from}: damaged checkpoint (not a complete torch.save "
+                                          "file); delete it to resume from the previous one")
                 logger.info(f"resuming from {self.resumed_from}")
                 CheckpointLoader(self.resumed_from, state, map_location=self.map_location).attach(engine)
                 engine.add_event_handler(Events.STARTED, self._warn_if_finished)
