@@ -80,30 +80,60 @@ def _calls(tree: ast.AST):
             yield node, (f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")), ast.unparse(f)
 
 
+def _unsafe(source: str, name: str) -> list[str]:
+    """``name:line what`` for each unsafe load or code execution in ``source``."""
+    tree = ast.parse(source)
+    problems = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
+            if any(n and n.split(".")[0] in {"pickle", "dill", "marshal", "shelve", "cloudpickle"} for n in names):
+                # io.torch_load imports pickle only to catch UnpicklingError
+                if not (name.endswith("fsmis_monai/io.py") and isinstance(node, ast.Import)):
+                    problems.append(f"{name}:{node.lineno} imports {names}")
+    for node, func, full in _calls(tree):
+        kw = {k.arg: k.value for k in node.keywords}
+        bad = None
+        if func in {"eval", "exec", "compile"} and isinstance(node.func, ast.Name):
+            bad = f"{full}()"
+        elif full.endswith("torch.load") or full == "load" and "weights_only" in kw:
+            if not (isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True):
+                bad = "torch.load without weights_only=True"
+        elif func == "load" and full.startswith("np") and isinstance(kw.get("allow_pickle"), ast.Constant) \
+                and kw["allow_pickle"].value:
+            bad = "np.load(allow_pickle=True)"
+        elif full in {"yaml.load", "yaml.unsafe_load", "yaml.full_load", "os.system"}:
+            bad = f"{full}()"
+        elif isinstance(kw.get("shell"), ast.Constant) and kw["shell"].value is True:
+            bad = f"{full}(shell=True)"
+        if bad:
+            problems.append(f"{name}:{node.lineno} {bad}")
+    return problems
+
+
+def test_the_scan_finds_each_unsafe_pattern():
+    bad = """import pickle
+from dill import loads
+torch.load(p)
+torch.load(p, weights_only=False)
+eval(text)
+exec(code)
+np.load(f, allow_pickle=True)
+yaml.load(stream)
+subprocess.run(cmd, shell=True)
+torch.load(p, weights_only=True)
+yaml.safe_load(stream)
+"""
+    found = _unsafe(bad, "x.py")
+    assert [int(f.split(":")[1].split()[0]) for f in found] == list(range(1, 10)), found
+
+
 def test_no_unsafe_loading_or_code_execution_in_the_package():
-    """``torch.load`` only with ``weights_only=True`` (literal); no eval/exec/pickle/marshal/np.load(allow_pickle)."""
+    """``torch.load`` only with ``weights_only=True`` (literal); no eval/exec/pickle/marshal/np.load(allow_pickle),
+    no unsafe YAML loading, no shell commands."""
     problems = []
     for path in sorted([*(REPO / "fsmis_monai").rglob("*.py"), *(REPO / "bench").rglob("*.py")]):
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-        where = lambda n: f"{path.relative_to(REPO)}:{n.lineno}"  # noqa: E731
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Import, ast.ImportFrom)):
-                names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
-                if any(n and n.split(".")[0] in {"pickle", "dill", "marshal", "shelve", "cloudpickle"} for n in names):
-                    # io.torch_load imports pickle only to catch UnpicklingError
-                    if not (path.name == "io.py" and isinstance(node, ast.Import)):
-                        problems.append(f"{where(node)} imports {names}")
-        for node, name, full in _calls(tree):
-            kw = {k.arg: k.value for k in node.keywords}
-            if name in {"eval", "exec", "compile"} and isinstance(node.func, ast.Name):
-                problems.append(f"{where(node)} {full}()")
-            if full.endswith("torch.load") or full == "load" and "weights_only" in kw:
-                ok = isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True
-                if not ok:
-                    problems.append(f"{where(node)} torch.load without weights_only=True")
-            if name == "load" and full.startswith("np") and isinstance(kw.get("allow_pickle"), ast.Constant) \
-                    and kw["allow_pickle"].value:
-                problems.append(f"{where(node)} np.load(allow_pickle=True)")
+        problems += _unsafe(path.read_text(encoding="utf-8"), str(path.relative_to(REPO)))
     assert not problems, "\n".join(problems)
 
 
