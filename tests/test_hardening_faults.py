@@ -53,6 +53,7 @@ def _checkpoints(folder: Path) -> set[str]:
     return {p.name for p in folder.iterdir() if p.name.startswith("checkpoint")}
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_and_mid_save_resume_to_the_uninterrupted_weights(tiny_run_data):
     """6 iterations, a checkpoint every 2. Killed run: SIGKILL half-way through writing the iteration-4
     checkpoint (resume must fall back to iteration 2), then SIGKILL right after iteration 5 (resume from 4)."""
