@@ -66,7 +66,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 def write_text(path: str | os.PathLike[str], text: str) -> Path:
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
     return Path(path)
 
 
@@ -89,7 +89,7 @@ def read_json(path: str | os.PathLike[str]) -> Any:
     if not p.is_file():
         raise FsmisInputError(f"{p}: file not found")
     try:
-        return json.loads(p.read_text())
+        return json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise FsmisInputError(f"{p}: not valid JSON ({e})") from e
 

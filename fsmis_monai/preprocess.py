@@ -69,7 +69,7 @@ def load_recipe(name_or_path: str | os.PathLike[str] | Mapping[str, Any]) -> dic
         path = resolve_recipe(name_or_path)
         where = str(path)
         try:
-            recipe = yaml.safe_load(path.read_text())
+            recipe = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
             raise FsmisInputError(f"{path}: not valid YAML ({e})") from e
     if not isinstance(recipe, dict):

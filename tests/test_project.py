@@ -11,8 +11,8 @@ def _indented_commands(text: str, heading: str) -> list[str]:
 
 
 def test_ci_runs_the_readme_commands():
-    readme = (REPO_ROOT / "README.md").read_text()
-    ci = (REPO_ROOT / ".ci" / "run").read_text()
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    ci = (REPO_ROOT / ".ci" / "run").read_text(encoding="utf-8")
     install = _indented_commands(readme, "Install")
     tests = _indented_commands(readme, "Tests")
     assert len(install) == 1 and len(tests) == 1, "README must give ONE install and ONE test command"
@@ -22,7 +22,7 @@ def test_ci_runs_the_readme_commands():
 
 
 def test_torch_is_pinned():
-    constraints = (REPO_ROOT / "constraints.txt").read_text()
+    constraints = (REPO_ROOT / "constraints.txt").read_text(encoding="utf-8")
     assert re.search(r"^torch==\d", constraints, re.M) and re.search(r"^torchvision==\d", constraints, re.M)
 
 

@@ -31,7 +31,7 @@ def write_per_case_csv(path: str | Path, cases: Sequence[CaseResult]) -> Path:
 
 
 def read_per_case_csv(path: str | Path) -> list[dict]:
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
 
 
