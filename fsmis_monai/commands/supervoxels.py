@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--renumber", action="store_true", help="number the supervoxels 1..K without gaps")
     parser.add_argument("--faithful", action="store_true",
                         help="order tied edges as the published files were made (NumPy 1.x argsort): reproduces "
-                             "them bit for bit; slower (~2.5x the time of one argsort, ~0.9 GiB for CHAOS)")
+                             "them bit for bit; slower (~1.5-2x the time of one argsort, ~0.9 GiB for CHAOS)")
 
 
 def label_stats(labels: np.ndarray, per_slice: bool) -> dict[str, Any]:
