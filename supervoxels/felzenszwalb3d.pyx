@@ -111,6 +111,16 @@ cdef inline int32_t _find(Node* nodes, int32_t x) noexcept nogil:
     return x
 
 
+cdef inline int32_t _link(Node* nodes, int32_t ra, int32_t rb) noexcept nogil:
+    """Union by size of two roots; returns the new root. (Which voxel is the root does not change the
+    partition: components are numbered by their first voxel at the end.)"""
+    if nodes[ra].size < nodes[rb].size:
+        ra, rb = rb, ra
+    nodes[rb].parent = ra
+    nodes[ra].size += nodes[rb].size
+    return ra
+
+
 cdef inline void _prefetch_edge(Grid* g, Node* nodes, uint64_t word) noexcept nogil:
     cdef Py_ssize_t p, q
     _decode(g, <uint32_t>(word & LOW32), &p, &q)
@@ -327,7 +337,7 @@ cdef int64_t _merge(uint64_t* edges, int64_t m, Grid* g, const double* cost_of_r
     cdef int64_t e, kept = 0, nsmall, ncomp = g.n
     cdef uint64_t word
     cdef Py_ssize_t p, q
-    cdef int32_t ra, rb, t
+    cdef int32_t ra, rb
     cdef double cost, ta, tb, no_merge_from = k
     for p in range(g.n):
         nodes[p].parent = <int32_t>p
@@ -351,12 +361,7 @@ cdef int64_t _merge(uint64_t* edges, int64_t m, Grid* g, const double* cost_of_r
         ta = nodes[ra].internal + k / nodes[ra].size
         tb = nodes[rb].internal + k / nodes[rb].size
         if cost < (ta if ta < tb else tb):
-            if nodes[ra].size < nodes[rb].size:
-                t = ra
-                ra = rb
-                rb = t
-            nodes[rb].parent = ra
-            nodes[ra].size += nodes[rb].size
+            ra = _link(nodes, ra, rb)
             nodes[ra].internal = cost
             no_merge_from = cost + k
             ncomp -= 1
@@ -380,12 +385,7 @@ cdef int64_t _merge(uint64_t* edges, int64_t m, Grid* g, const double* cost_of_r
         if ra == rb or (nodes[ra].size >= min_size and nodes[rb].size >= min_size):
             continue
         nsmall -= (nodes[ra].size < min_size) + (nodes[rb].size < min_size)
-        if nodes[ra].size < nodes[rb].size:
-            t = ra
-            ra = rb
-            rb = t
-        nodes[rb].parent = ra
-        nodes[ra].size += nodes[rb].size
+        ra = _link(nodes, ra, rb)
         nsmall += nodes[ra].size < min_size
         ncomp -= 1
     return ncomp
