@@ -128,6 +128,6 @@ def test_command_writes_superpixels_and_summary(chaos_slices, tmp_path):
     out = nib.load(str(tmp_path / "out" / "superpix-MIDDLE_1.nii.gz"))
     want, _ = reference_loop(vol[:, :, :2], CHAOS_THRESHOLD)
     np.testing.assert_array_equal(np.asarray(out.dataobj), want)
-    summary = json.loads((tmp_path / "out" / "superpixels_summary.json").read_text())
+    summary = json.loads((tmp_path / "out" / "superpixels_summary.json").read_text(encoding="utf-8"))
     per_slice = sum(len(np.unique(want[:, :, z])) - 1 for z in range(2))
     assert summary["scans"][0]["superpixels"] == per_slice

@@ -285,7 +285,7 @@ def test_command_byte_identical_across_worker_counts(tmp_path, cmr_dir):
         assert one == (tmp_path / "w2" / f"superpix-MIDDLE_{sid}.nii.gz").read_bytes()
         out = nib.load(str(tmp_path / "w1" / f"superpix-MIDDLE_{sid}.nii.gz"))
         np.testing.assert_allclose(out.affine, nib.load(str(src / f"image_{sid}.nii.gz")).affine)  # geometry kept
-    summary = json.loads((tmp_path / "w1" / "supervoxels_summary.json").read_text())
+    summary = json.loads((tmp_path / "w1" / "supervoxels_summary.json").read_text(encoding="utf-8"))
     assert [s["id"] for s in summary["scans"]] == [1, 2]
     assert all(s["status"] == "ok" and s["supervoxels"] > 0 for s in summary["scans"])
 
@@ -345,7 +345,7 @@ def test_command_reports_a_bad_scan_and_finishes_the_others(tmp_path, cmr_dir):
     nib.save(nib.Nifti1Image(bad, img.affine), str(src / "image_5.nii.gz"))
     assert main(["supervoxels", "--src", str(src), "--dst", str(dst), "--min-size", "200", "--workers", "1"]) == 1
     assert sorted(p.name for p in dst.iterdir()) == ["superpix-MIDDLE_3.nii.gz", "supervoxels_summary.json"]
-    status = {s["id"]: s for s in json.loads((dst / "supervoxels_summary.json").read_text())["scans"]}
+    status = {s["id"]: s for s in json.loads((dst / "supervoxels_summary.json").read_text(encoding="utf-8"))["scans"]}
     assert status[3]["status"] == "ok"
     assert status[4]["status"] == "failed" and "image_4.nii.gz" in status[4]["error"]
     assert status[5]["status"] == "failed" and "NaN" in status[5]["error"]
