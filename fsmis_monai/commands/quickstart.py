@@ -25,7 +25,7 @@ TRAIN_IDS, SUPPORT_ID, QUERY_ID = (2, 15), 15, 20
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", type=Path, default=Path("fsmis_quickstart"), help="output folder")
     parser.add_argument("--method", default="adnet", help="bundle to train (default adnet)")
-    parser.add_argument("--iterations", type=int, default=300, help="training iterations (default 300)")
+    parser.add_argument("--iterations", type=int, default=600, help="training iterations (default 600)")
     parser.add_argument("--learning-rate", type=float, default=0.01, help="SGD learning rate (default 0.01)")
     parser.add_argument("--image-size", type=int, default=256, help="training slice size (default 256)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
