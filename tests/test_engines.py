@@ -208,3 +208,16 @@ def test_periodic_validation_runs_the_evaluator_and_logs(chaos_dir, tmp_path):
     assert [(t, s) for t, _, s in writer.scalars] == [("val/ep1/mean_dice", 2), ("val/ep1/liver", 2)]
     assert writer.scalars[0][1] == pytest.approx(dice)
     assert net.training
+
+
+def test_non_finite_loss_stops_training_with_the_terms_named():
+    import pytest
+    import torch
+
+    from fsmis_monai.engines import FewShotLoss
+
+    good = {"logits": torch.zeros(1, 2, 4, 4), "losses": {"query_nll": torch.tensor(0.5), "align": torch.tensor(0.25)}}
+    assert float(FewShotLoss()(good)) == pytest.approx(0.75)
+    bad = {"logits": torch.zeros(1, 2, 4, 4), "losses": {"query_nll": torch.tensor(0.5), "align": torch.tensor(float("nan"))}}
+    with pytest.raises(FloatingPointError, match="align.*learning_rate"):
+        FewShotLoss()(bad)

@@ -72,10 +72,22 @@ class FewShotInferer(Inferer):
 
 
 class FewShotLoss(nn.Module):
-    """The method's loss terms summed (the targets were already given to the method's forward)."""
+    """The method's loss terms summed (the targets were already given to the method's forward).
+
+    A non-finite loss stops training with an error naming the terms: a diverged run (typically a learning
+    rate too high for the method) would otherwise go on writing NaN weights for the rest of its budget.
+    """
 
     def forward(self, output: Mapping[str, Any], target: torch.Tensor | None = None) -> torch.Tensor:
-        return FewShotSegmenter.total_loss(output)  # type: ignore[arg-type]
+        loss = FewShotSegmenter.total_loss(output)  # type: ignore[arg-type]
+        if not bool(torch.isfinite(loss.detach())):
+            terms = {k: float(v.detach()) for k, v in output["losses"].items()}
+            raise FloatingPointError(
+                f"training loss is not finite, terms {terms}: the run diverged. Lower `learning_rate` (the "
+                "paper schedules use 1e-3) or check the training data; resume from the last checkpoint after "
+                "changing the config."
+            )
+        return loss
 
 
 def _undecollate(output: Any) -> Mapping[str, Any]:
