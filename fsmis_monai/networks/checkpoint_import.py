@@ -297,8 +297,8 @@ def convert_state_dict(
             + (f" (no tensors named {missing_rules[:4]})" if missing_rules else "")
             + (f"; convert it with --method {others[0]}" if others else "")
         )
-    target = target_network(method, faithful, **method_kwargs)
-    shapes = {k: tuple(v.shape) for k, v in target.state_dict().items()}
+    network = target_network(method, faithful, **method_kwargs)
+    shapes = {k: tuple(v.shape) for k, v in network.state_dict().items()}
     converted: Dict[str, torch.Tensor] = {}
     mismatched = []
     for key, value in state.items():
@@ -341,8 +341,8 @@ def convert_state_dict(
     # the target's layout record (method, encoder layout, shape switches) travels in the state dict's metadata
     from fsmis_monai.networks.layout import network_layout, with_layout
 
-    report.layout = network_layout(target)
-    return with_layout({k: converted[k] for k in shapes}, target), report
+    report.layout = network_layout(network)
+    return with_layout({k: converted[k] for k in shapes}, network), report
 
 
 def convert_checkpoint(
