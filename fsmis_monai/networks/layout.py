@@ -13,11 +13,12 @@ holds each module's ``version``), as ``state_dict._metadata[prefix]["fsmis_layou
 ``torch.load(weights_only=True)`` restores it, and ``load_state_dict`` hands it to the module's load hooks.
 So :class:`~fsmis_monai.networks.methods.base.FewShotSegmenter` registers two hooks
 (:func:`record_and_check_layout`): ``state_dict()`` writes the record, ``load_state_dict()`` checks it with
-:func:`check_layout`, the one place the check is made. Every loader is covered without change: MONAI's
-``CheckpointLoader`` in the bundles' ``inference.json`` and in training resume, ``monai.bundle.load``,
-:func:`load_weights` (evaluation, ``fsmis freeze``), and ``model.pt`` stays a plain state dict that every
-one of them loads. A sidecar file would need each loader to know its path (MONAI's ``CheckpointLoader``
-does not) and would be lost when the file alone is copied.
+:func:`check_layout`, the one place the check is made. The loaders are covered without change: MONAI's
+``CheckpointLoader`` in the bundles' ``inference.json`` and in training resume, and :func:`load_weights`
+(evaluation, ``fsmis freeze``); ``model.pt`` stays a plain state dict that every loader reads. A sidecar
+file would need each loader to know its path (MONAI's ``CheckpointLoader`` does not) and would be lost when
+the file alone is copied. MONAI's ``copy_model_state`` (``monai.bundle.load``, ``ckpt_export``) copies the
+tensors into a new dict without the metadata: those loads are not checked and warn.
 
 A state dict without a record (an older file, one built in memory) loads with a warning. A record that
 differs is a :class:`LayoutMismatchError` naming both layouts, raised before any tensor is copied. A
@@ -91,8 +92,9 @@ def check_layout(network: nn.Module, found: Optional[Mapping[str, Any]], strict:
     expected = network_layout(network)
     if found is None:
         warnings.warn(
-            f"{source}: no layout record (a plain state dict); loading into {describe(expected)} without checking "
-            "that the checkpoint was made for this layout",
+            f"{source}: no layout record (a plain state dict, or a copy without PyTorch's metadata such as "
+            f"monai.networks.copy_model_state makes); loading into {describe(expected)} without checking that "
+            "the checkpoint was made for this layout",
             UserWarning,
             stacklevel=2,
         )
