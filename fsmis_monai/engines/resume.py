@@ -104,7 +104,7 @@ def iterations_asked(engine: Engine) -> int | None:
     """Iterations the run is configured for: ``max_iters``, else ``epoch_length x max_epochs`` (bundles:
     ``max_iterations``, one epoch of ``max_iterations`` episode batches); ``None`` when unknown."""
     state = engine.state
-    if state.max_iters is not None:
+    if getattr(state, "max_iters", None) is not None:  # ignite >= 0.5
         return int(state.max_iters)
     if state.epoch_length and state.max_epochs:
         return int(state.epoch_length) * int(state.max_epochs)
@@ -146,7 +146,7 @@ class ContinueRun:
     - LR schedulers follow the configured schedule (:func:`replay_schedule`): the LR at the resume
       iteration is the configured schedule's LR there, milestones below it count as passed;
     - episodes continue from the checkpoint's iteration (:class:`ResumeEpisodes`, whose offset uses the
-      restored epoch length).
+      configured epoch length set here).
 
     Args:
         path: the checkpoint (``checkpoint_[final_]iteration=N.pt``).
@@ -154,7 +154,9 @@ class ContinueRun:
         schedulers: LR schedulers restored by ``load`` (:func:`schedulers_of`).
     """
 
-    def __init__(self, path: str | Path, load: Callable[[Engine], None], schedulers: Sequence[LRScheduler] = ()) -> None:
+    def __init__(
+        self, path: str | Path, load: Callable[[Engine], None], schedulers: Sequence[LRScheduler] = ()
+    ) -> None:
         self.path = str(path)
         self.load = load
         self.schedulers = list(schedulers)
@@ -173,7 +175,7 @@ class ContinueRun:
 
     def __call__(self, engine: Engine) -> None:
         state = engine.state
-        length, max_epochs, max_iters = state.epoch_length, state.max_epochs, state.max_iters
+        length, max_epochs, max_iters = state.epoch_length, state.max_epochs, getattr(state, "max_iters", None)
         fresh = [(s, copy.deepcopy(s.state_dict()), [{k: g[k] for k in ("lr", "initial_lr") if k in g}
                                                      for g in s.optimizer.param_groups]) for s in self.schedulers]
         self.load(engine)
