@@ -36,7 +36,7 @@ METHODS = ("adnet", "difd", "gmrd", "lslpn", "pami", "qnet", "ssl_alpnet")
 RUN_FORMS = (("train.json",), ("inference.json",), ("train.json", "evaluate.json"),
              ("train.json", "multi_gpu_train.json"))
 # top-level ids a workflow reads although no item refers to them (MONAI's lifecycle and workflow properties)
-ENTRY = {"imports", "initialize", "run", "finalize", "bundle_root", "dataset_dir", "device", "network_def", "train",
+ENTRY = {"_meta_", "imports", "initialize", "run", "finalize", "bundle_root", "dataset_dir", "device", "network_def", "train",
          "dataset", "evaluator", "inferer", "handlers", "preprocessing", "postprocessing", "val_interval"}
 REF = re.compile(r"@([A-Za-z_][\w]*)")
 
@@ -120,7 +120,7 @@ def test_evaluation_builds_nothing_of_the_training(tiny, tmp_path, monkeypatch):
     wf = ConfigWorkflow(config_file=[str(configs / "train.json"), str(configs / "evaluate.json")],
                         meta_file=str(configs / "metadata.json"), workflow_type=None, bundle_root=str(BUNDLES / "adnet"),
                         dataset_dir=str(tiny), output_dir=str(out), encoder="small", ckpt_path=None,
-                        protocols=["ep2"], classes=[1], query_ids=[2], support_id=1, fold=None)
+                        protocols=["ep2"], classes=[1], query_ids=[2], support_id=1)
     wf.initialize()
     with pytest.warns(UserWarning, match="UNTRAINED"):
         wf.run()
