@@ -190,8 +190,8 @@ def freeze_bundle(bundle: Path, support_image: Path, support_label: Path, suppor
     from fsmis_monai.engines.inference import load_support
     from fsmis_monai.evaluation.protocols import class_slices, fraction_picks
     from fsmis_monai.export import FrozenFewShotSegmenter
-    from fsmis_monai.io import FsmisInputError, load_nifti, read_json, state_dict_from_checkpoint, torch_load, \
-        torch_save, write_json, write_text
+    from fsmis_monai.io import FsmisInputError, load_nifti, read_json, torch_save, write_json, write_text
+    from fsmis_monai.networks.layout import load_weights
 
     bundle, output = Path(bundle), Path(output)
     if not (bundle / "configs" / "inference.json").is_file():
@@ -210,11 +210,7 @@ def freeze_bundle(bundle: Path, support_image: Path, support_label: Path, suppor
     picks = sorted({int(zs[i]) for i in fraction_picks(len(zs), PROTOCOL_SLICES[protocol])})
 
     method = ConfigParser({"net": method_def}).get_parsed_content("net")
-    weights = state_dict_from_checkpoint(torch_load(ckpt_path))
-    try:
-        method.load_state_dict(weights, strict=True)
-    except RuntimeError as e:
-        raise FsmisInputError(f"{ckpt_path}: does not fit the {bundle.name} network ({e})") from e
+    load_weights(method, ckpt_path)  # strict, layout record checked, errors name the file
     frozen = FrozenFewShotSegmenter.from_support(method, images, masks, refine=refine)
     size = [int(s) for s in images.shape[-2:]]
 
