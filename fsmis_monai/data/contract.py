@@ -245,7 +245,9 @@ class CheckLabelsd(MapTransform):
         for key in self.key_iterator(d):
             values = torch.unique(torch.as_tensor(d[key])).double()
             found = values.tolist()
-            if not torch.isfinite(values).all() or not torch.equal(values, values.round()):
+            if not torch.isfinite(values).all():
+                raise FsmisInputError(f"{_source(d, key)}: label contains NaN or infinite values")
+            if not torch.equal(values, values.round()):
                 raise FsmisInputError(f"{_source(d, key)}: label values must be integers, found {found[:8]}")
             if self.contract.label_map is not None:
                 unknown = sorted(int(v) for v in found if int(v) not in self.contract.label_map)
@@ -276,7 +278,8 @@ class CheckedNibabelReader(NibabelReader):
     :class:`~fsmis_monai.io.FsmisInputError` naming the file, as :func:`fsmis_monai.io.load_nifti` reports them."""
 
     def read(self, data: Any, **kwargs: Any):
-        for name in (data if isinstance(data, (list, tuple)) else [data]):
+        names = list(data) if isinstance(data, (list, tuple)) else [data]
+        for name in names:
             p = Path(name)
             if not p.is_file():
                 raise FsmisInputError(f"{p}: file not found")
@@ -285,7 +288,7 @@ class CheckedNibabelReader(NibabelReader):
         try:
             return super().read(data, **kwargs)
         except Exception as e:  # nibabel raises many types (ImageFileError, EOFError, zlib.error, OSError)
-            raise FsmisInputError(f"{data}: cannot read as NIfTI ({type(e).__name__}: {e})") from e
+            raise FsmisInputError(f"{', '.join(map(str, names))}: cannot read as NIfTI ({type(e).__name__}: {e})") from e
 
     def _get_array_data(self, img: Any, filename: Any) -> np.ndarray:
         try:
@@ -310,10 +313,22 @@ class Pipeline(Compose):
             raise
 
 
+class LoadNiftid(LoadImaged):
+    """``LoadImaged`` that reads with :class:`CheckedNibabelReader` only (given a reader, MONAI's ``LoadImage``
+    would try every registered reader in turn and replace the error by "cannot find a suitable reader")."""
+
+    def __init__(self, keys: KeysCollection, **kwargs: Any) -> None:
+        super().__init__(keys, **kwargs)
+        self.checked_reader = CheckedNibabelReader()
+
+    def __call__(self, data: Mapping, reader: Any = None) -> dict:
+        return super().__call__(data, reader or self.checked_reader)
+
+
 def loader(keys: Sequence[str]) -> "Pipeline":
     """``LoadImaged -> EnsureChannelFirstd`` for ``keys`` (stored dtype kept): the first stage of
     :func:`build_pipeline`, separate so callers can check what was read (label values, geometry) first."""
-    return Pipeline([LoadImaged(list(keys), reader=CheckedNibabelReader(), image_only=True, dtype=None),
+    return Pipeline([LoadNiftid(list(keys), image_only=True, dtype=None),
                     EnsureChannelFirstd(list(keys))])
 
 

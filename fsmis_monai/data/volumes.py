@@ -162,7 +162,7 @@ def load_volume(
             continue
         if key == "pseudolabel":
             _check_pseudolabel(np.unique(np.asarray(d[key].as_tensor())), paths[key])
-        _check_geometry(files.image, image.shape, image.affine.numpy(), paths[key], d[key].shape,
+        _check_geometry(files.image, image.shape[1:], image.affine.numpy(), paths[key], d[key].shape[1:],
                         d[key].affine.numpy(), check_geometry)
         d[key].affine = image.affine.clone()  # one grid for all (checked above, or told to trust the image)
     out = build_pipeline(contract, "image", "label" if "label" in d else None,
