@@ -211,7 +211,7 @@ def test_freeze_refuses_bad_inputs(tiny_scans, tmp_path, capsys):
     with pytest.raises(FsmisInputError, match="already exists"):
         freeze_bundle(REPO / "bundles" / "adnet", output=tmp_path / "exists", ckpt_path=wrong, **kwargs)
     ok = torch_save(_method("adnet").state_dict(), tmp_path / "adnet.pt")
-    with pytest.raises(FsmisInputError, match="no voxel has label 4"):
+    with pytest.raises(FsmisInputError, match="support class 4: no voxel has that class"):
         freeze_bundle(REPO / "bundles" / "adnet", output=tmp_path / "b", ckpt_path=ok,
                       **{**kwargs, "support_class": 4})
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

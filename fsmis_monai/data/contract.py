@@ -101,6 +101,12 @@ class DataContract:
     def replace(self, **changes: Any) -> "DataContract":
         return dataclasses.replace(self, **changes)
 
+    def with_labels_of(self, dataset: Optional[str]) -> "DataContract":
+        """This contract reading label files of ``dataset`` (its label map and names); ``None``: a user's own
+        masks, any raw value is a class. The image preparation is unchanged."""
+        labels = DataContract.for_dataset(dataset)
+        return self.replace(class_names=labels.class_names, label_map=labels.label_map, dataset=labels.dataset)
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["class_names"] = {str(k): v for k, v in self.class_names.items()}
@@ -254,7 +260,8 @@ class CheckLabelsd(MapTransform):
                 if unknown:
                     raise FsmisInputError(
                         f"{_source(d, key)}: label values {unknown} are not in the {self.contract.dataset} label map "
-                        f"(values found: {[int(v) for v in found]}; known: {self.contract.known_classes()})")
+                        f"(values found: {[int(v) for v in found]}; known: {self.contract.known_classes()}); for "
+                        "your own masks choose no dataset (dataset_name None) and give the raw value")
         return d
 
 

@@ -95,10 +95,12 @@ def load_support(
 
 def model_contract(ckpt_path: Optional[str | Path], dataset: Optional[str] = None,
                    **defaults: Any) -> DataContract:
-    """The data contract saved beside ``ckpt_path``; for weights saved without one, ``dataset``'s label map
-    at the stored grid with ``defaults`` (e.g. ``normalization``), as inference worked before contracts."""
+    """The data contract saved beside ``ckpt_path``, reading label files of ``dataset`` (``None``: a user's
+    own masks, any raw value). Weights saved without a contract get the stored grid with ``defaults``
+    (e.g. ``normalization``), as inference worked before contracts."""
     fallback = DataContract.for_dataset(dataset, **defaults)
-    return fallback if ckpt_path is None else load_contract(ckpt_path, default=fallback)
+    contract = fallback if ckpt_path is None else load_contract(ckpt_path, default=fallback)
+    return contract.with_labels_of(dataset)
 
 
 def query_preprocessing(contract: DataContract, channels: int = 1) -> Compose:
@@ -110,27 +112,25 @@ def query_preprocessing(contract: DataContract, channels: int = 1) -> Compose:
 
 def prediction_postprocessing(preprocessing: Compose, output_dir: str | Path, output_postfix: str = "fewshot",
                               keep_largest: bool = False, write_overlays: bool = True) -> Compose:
-    """``pred`` logits -> argmax -> (overlay PNG, on the network's grid) -> ``Invertd`` back to the query
-    file's own geometry (shape and affine of the input, nearest) -> optionally
-    ``KeepLargestConnectedComponentd`` -> NIfTI written atomically (``<name>_<postfix>.nii.gz``)."""
+    """``pred`` logits ``[2, H, W, D]`` on the network's grid -> argmax -> ``Invertd`` back to the query file's
+    own geometry (shape and affine of the input, nearest) -> optionally ``KeepLargestConnectedComponentd`` ->
+    NIfTI written atomically (``<name>_<postfix>.nii.gz``) -> overlay PNG (the image inverted too)."""
     from fsmis_monai.transforms.overlays import SaveOverlayd
 
-    xforms: list = [AsDiscreted("pred", argmax=True)]
-    if write_overlays:
-        xforms.append(SaveOverlayd(["image", "pred"], output_dir=output_dir, n_slices=3))
-    xforms.append(Invertd("pred", transform=preprocessing, orig_keys="image", nearest_interp=True, to_tensor=True))
+    keys = ["pred", "image"] if write_overlays else ["pred"]
+    xforms: list = [
+        AsDiscreted("pred", argmax=True),
+        Invertd(keys, transform=preprocessing, orig_keys=["image"] * len(keys), nearest_interp=[True, False][:len(keys)],
+                to_tensor=True),
+    ]
     if keep_largest:
         xforms.append(KeepLargestConnectedComponentd("pred", applied_labels=[1]))
     xforms.append(SaveImaged("pred", output_dir=str(output_dir), output_postfix=output_postfix,
                              output_dtype=np.uint8, resample=False, separate_folder=False, print_log=False,
                              writer=AtomicNibabelWriter))
+    if write_overlays:
+        xforms.append(SaveOverlayd(["image", "pred"], output_dir=output_dir, n_slices=3))
     return Compose(xforms)
-
-
-def _source(tensor: torch.Tensor) -> str:
-    """The file a (batched) MetaTensor was read from, for error messages."""
-    name = getattr(tensor, "meta", {}).get("filename_or_obj", "query volume")
-    return str(name[0] if isinstance(name, (list, tuple)) and name else name)
 
 
 class AtomicNibabelWriter(NibabelWriter):
