@@ -121,8 +121,12 @@ def test_freeze_command_writes_a_bundle_monai_can_check_export_and_run(tiny_scan
                        "--support-image", str(tiny_scans / "image_1.nii.gz"),
                        "--support-label", str(tiny_scans / "label_1.nii.gz"), "--class", "liver",
                        "--output", str(out), "--protocol", "ep1", "--set", 'encoder="small"']) == 0
-    for f in ("LICENSE", "docs/README.md", "configs/metadata.json", "configs/inference.json", "models/model.pt"):
+    for f in ("LICENSE", "docs/README.md", "configs/metadata.json", "configs/inference.json", "models/model.pt",
+              "models/data_contract.json"):
         assert (out / f).is_file(), f
+    from fsmis_monai.data.contract import load_contract
+
+    assert load_contract(out / "models" / "model.pt").dataset == "chaos_mr_t2"  # copied: queries prepared alike
     meta, config = str(out / "configs" / "metadata.json"), str(out / "configs" / "inference.json")
     shutil.copy(SCHEMA, tmp_path / SCHEMA.name)
     verify_metadata(meta_file=meta, filepath=str(tmp_path / SCHEMA.name))

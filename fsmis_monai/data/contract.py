@@ -412,7 +412,8 @@ def resolve_support_class(contract: DataContract, support_class: int | str, labe
         raw = int(text)
         if raw not in contract.label_map or contract.label_map[raw] == 0:
             raise FsmisInputError(f"{where} is not a raw label value of {contract.dataset} (values found: {found}; "
-                                  f"known: {contract.known_classes()})")
+                                  f"known: {contract.known_classes()}); for your own masks choose no dataset "
+                                  "(dataset_name None)")
         class_id = contract.label_map[raw]
     else:
         ids = [c for c, n in contract.class_names.items() if n.lower() == text.lower() and c != 0]
