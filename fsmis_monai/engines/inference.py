@@ -133,6 +133,12 @@ def prediction_postprocessing(preprocessing: Compose, output_dir: str | Path, ou
     return Compose(xforms)
 
 
+def _source(tensor: torch.Tensor) -> str:
+    """The file a (batched) MetaTensor was read from, for error messages."""
+    name = getattr(tensor, "meta", {}).get("filename_or_obj", "query volume")
+    return str(name[0] if isinstance(name, (list, tuple)) and name else name)
+
+
 class AtomicNibabelWriter(NibabelWriter):
     """MONAI's ``NibabelWriter`` writing through :func:`fsmis_monai.io.atomic_path` (``SaveImaged(writer=...)``):
     an interrupted inference leaves the previous prediction or none, never a truncated NIfTI."""
