@@ -7,6 +7,7 @@ from fsmis_monai.engines.fewshot import FewShotInferer, FewShotLoss, FewShotPrep
 from fsmis_monai.engines.handlers import LearningRateLogger, LossProgressBar, prediction_overlay, query_overlays
 from fsmis_monai.engines.resume import ResumableEpisodeSampler, ResumeEpisodes, checkpoint_iteration, latest_checkpoint
 from fsmis_monai.engines.inference import FewShotVolumeInferer, load_support
+from fsmis_monai.engines.performance import amp_kwargs, set_cudnn
 from fsmis_monai.engines.validation import FewShotValidation
 
 __all__ = [
@@ -15,6 +16,8 @@ __all__ = [
     "pseudolabel_command",
     "FewShotVolumeInferer",
     "load_support",
+    "amp_kwargs",
+    "set_cudnn",
     "FewShotInferer",
     "FewShotLoss",
     "FewShotPrepareBatch",
