@@ -196,7 +196,7 @@ def overrides_for(args: argparse.Namespace, bundle: str, work: Path, run_dir: Pa
         "dataset_dir": str(training_folder(work)),
         "fold": None,
         "image_size": args.size,
-        "max_iterations": args.iterations,
+        "max_iterations": options.get("iterations", args.iterations),
         "val_interval": 0,
         "progress_bar": False,
         "resume": False,
@@ -217,7 +217,7 @@ def overrides_for(args: argparse.Namespace, bundle: str, work: Path, run_dir: Pa
     if args.pseudolabels is not None:
         kind = "superpixels" if bundle == "ssl_alpnet" else "supervoxels"
         over["pseudolabel_dir"] = str(args.pseudolabels / PSEUDOLABEL_DIRS[kind])
-    if args.tiny:  # the references' 200-pixel minimum class size is meant for 256^2 slices
+    if args.size != 256:  # the references' 200-pixel minimum class size is meant for 256^2 slices
         over["min_size"] = max(1, round(200 * (args.size / 256) ** 2))
     if options.get("channels_last"):
         over["network"] = "$@network_def.to(device=@device, memory_format=torch.channels_last)"
@@ -226,8 +226,9 @@ def overrides_for(args: argparse.Namespace, bundle: str, work: Path, run_dir: Pa
 
 
 def train_once(args: argparse.Namespace, bundle: str, work: Path, tag: str, amp: bool, options: dict[str, Any],
-               deadline: float, check_outputs: bool) -> tuple[dict[str, Any], Optional[torch.nn.Module], Any]:
-    """One training run through the bundle's train.json; returns (result, trained network, parser)."""
+               deadline: float, check_outputs: bool) -> dict[str, Any]:
+    """One training run through the bundle's train.json. With ``check_outputs`` the result's
+    ``checkpoint["network"]`` is a fresh CPU network holding the reloaded weights."""
     from monai.bundle import ConfigWorkflow
 
     from fsmis_monai.engines import set_cudnn
@@ -259,6 +260,7 @@ def train_once(args: argparse.Namespace, bundle: str, work: Path, tag: str, amp:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
+        result["mem_before_run_gib"] = torch.cuda.memory_allocated(device) / 2 ** 30  # the network: ~0.2-0.3
     caught: list[str] = []
     try:
         with warnings.catch_warnings(record=True) as seen:
@@ -277,7 +279,8 @@ def train_once(args: argparse.Namespace, bundle: str, work: Path, tag: str, amp:
     result["train_s"] = round(time.perf_counter() - t0, 2)
     if check_outputs:  # ignite fires COMPLETED after a terminate() too, so the final files exist
         result["checkpoint"] = checkpoint_roundtrip(parser, network, run_dir)
-    return result, network, parser
+    del workflow, parser, trainer, network, probe  # nothing of this run may stay on the GPU
+    return result
 
 
 def checkpoint_roundtrip(parser: Any, network: torch.nn.Module, run_dir: Path) -> dict[str, Any]:
@@ -375,7 +378,7 @@ def write_json(out: Path, results: dict[str, Any]) -> None:
 def environment(args: argparse.Namespace) -> dict[str, Any]:
     import monai
 
-    env = {"python": sys.version.split()[0], "torch": torch.__version__, "monai": monai.__version__,
+    env = {"python": sys.version.split()[0], "torch": torch.__version__, "monai": monai.__version__, "monai_from": str(Path(monai.__file__).parents[1]),
            "device": args.device, "cuda": torch.version.cuda, "threads": torch.get_num_threads(),
            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}
     if torch.device(args.device).type == "cuda":
@@ -397,6 +400,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--bundles", nargs="+", default=list(BUNDLES), choices=BUNDLES)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--iterations", type=int, default=None, help="training iterations per run (default 100, tiny 6)")
+    p.add_argument("--option-iterations", type=int, default=60, help="iterations of each speed-option run")
     p.add_argument("--warmup", type=int, default=None, help="iterations left out of the timing (default 15, tiny 1)")
     p.add_argument("--size", type=int, default=None, help="slice size (default 256, tiny 64)")
     p.add_argument("--encoder", default=None, help="override the bundles' paper encoder (tiny: small)")
@@ -409,6 +413,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=360.0, help="wall-clock budget of the whole check")
     p.add_argument("--run-cap-s", type=float, default=None, help="longest training run (default budget / 16)")
     p.add_argument("--no-options", action="store_true", help="skip the speed options and the repeatability runs")
+    p.add_argument("--force-options", action="store_true", help="run those on a CPU too (a smoke test of their code)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--tiny", action="store_true", help="CPU smoke mode: small encoder, 64^2, 6 iterations")
     args = p.parse_args(argv)
@@ -451,12 +456,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             write_json(args.out, results)
             return None
         try:
-            r, network, _ = train_once(args, bundle, work, tag, amp, options, min(end, now + args.run_cap_s), check_outputs)
-            ck = r.get("checkpoint") or {}
-            fresh = ck.pop("network", None)
-            if check_outputs and fresh is not None and time.perf_counter() < end:
+            r = train_once(args, bundle, work, tag, amp, options, min(end, now + args.run_cap_s), check_outputs)
+            fresh = (r.get("checkpoint") or {}).pop("network", None)
+            if fresh is not None and time.perf_counter() < end:
                 r["eval"] = eval_parity(args, fresh, episode)
-            del network, fresh
+            del fresh
         except Exception as e:  # one broken bundle must not stop the check: record it and go on
             r = {"bundle": bundle, "run": tag, "amp": amp, "options": options,
                  "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}",
@@ -474,7 +478,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         modes = [m for m in ("off", "on") if args.amp in (m, "both")]
         for i, mode in enumerate(modes):
             run(bundle, f"amp_{mode}", mode == "on", {}, check_outputs=i == 0)
-    if not args.no_options and device.type == "cuda":
+    if not args.no_options and (device.type == "cuda" or args.force_options):
         b = OPTION_BUNDLE if OPTION_BUNDLE in args.bundles else args.bundles[0]
         for tag, opts in (("opt_non_blocking", {"non_blocking": True}),
                           ("opt_cudnn_benchmark", {"cudnn_benchmark": True}),
@@ -482,9 +486,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                           ("opt_workers_0", {"workers": 0}),
                           ("opt_workers_8", {"workers": 8}),
                           ("opt_all", {"non_blocking": True, "cudnn_benchmark": True, "channels_last": True})):
-            run(b, tag, True, opts, check_outputs=False)
+            run(b, tag, True, {**opts, "iterations": args.option_iterations}, check_outputs=False)
         for tag, opts in (("repeat_a", {}), ("repeat_b", {}), ("deterministic_ops", {"deterministic_algorithms": True})):
-            run(b, tag, False, opts, check_outputs=False)
+            run(b, tag, False, {**opts, "iterations": args.option_iterations // 2}, check_outputs=False)
         rep = {r["run"]: r for r in results["runs"] if r["bundle"] == b and r["run"].startswith("repeat") and "losses" in r}
         if len(rep) == 2:
             results["repeatable_losses"] = rep["repeat_a"]["losses"] == rep["repeat_b"]["losses"]

@@ -35,10 +35,9 @@ build_pid=$!
 "$PY" bench/gpu_check.py --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_check.log"
 status=${PIPESTATUS[0]}
 
-if wait "$build_pid"; then
-    "$PY" -c "import fsmis_monai._felzenszwalb3d" && echo "supervoxel extension: built and imported" \
-        || echo "supervoxel extension: built but not importable (see $OUT/build_ext.log)"
+if wait "$build_pid" && "$PY" -c "import fsmis_monai._felzenszwalb3d"; then
+    echo "supervoxel extension: built and imported"
 else
-    echo "supervoxel extension: build FAILED (see $OUT/build_ext.log)"
+    echo "supervoxel extension: NOT built (see $OUT/build_ext.log)"
 fi | tee -a "$OUT/gpu_check.log"
 exit "$status"
