@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import hashlib
 import json
 import logging
 import math
@@ -181,6 +182,7 @@ class RunProbe:
             "loss_last_quarter": last,
             "loss_decreased": bool(losses) and last < first,
             "losses": [round(x, 5) for x in losses],
+            "losses_sha1": hashlib.sha1(np.asarray(losses, dtype=np.float64).tobytes()).hexdigest(),
             "stopped_early": self.stopped_early,
             "params_without_grad_in_some_step": len(unused),
             "params_without_grad_examples": unused[:6],
@@ -273,6 +275,7 @@ def train_once(args: argparse.Namespace, bundle: str, work: Path, tag: str, amp:
         if "deterministic_algorithms" in options:
             torch.use_deterministic_algorithms(False)
     result.update(probe.summary(args.warmup, result["batch_size"]))
+    result["weights_sha1"] = weights_digest(network)
     if "deterministic_algorithms" in options:
         result["nondeterministic_ops"] = caught
     result["peak_mem_gib"] = (torch.cuda.max_memory_allocated(device) / 2 ** 30) if device.type == "cuda" else None
@@ -281,6 +284,17 @@ def train_once(args: argparse.Namespace, bundle: str, work: Path, tag: str, amp:
         result["checkpoint"] = checkpoint_roundtrip(parser, network, run_dir)
     del workflow, parser, trainer, network, probe  # nothing of this run may stay on the GPU
     return result
+
+
+def weights_digest(network: torch.nn.Module) -> str:
+    """SHA-1 of every parameter and buffer's bytes: equal digests = bit-identical weights."""
+    from fsmis_monai.engines.checkpoints import unwrap
+
+    h = hashlib.sha1()
+    for name, t in unwrap(network).state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def checkpoint_roundtrip(parser: Any, network: torch.nn.Module, run_dir: Path) -> dict[str, Any]:
@@ -384,13 +398,7 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
     if torch.device(args.device).type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(args.device)
         env["bf16"] = torch.cuda.is_bf16_supported()
-    try:
-        from fsmis_monai import _felzenszwalb3d  # noqa: F401
-
-        env["supervoxel_extension"] = True
-    except ImportError:
-        env["supervoxel_extension"] = False
-    return env
+    return env  # (whether the supervoxel extension built: bench/gpu_check.sh reports it, the build runs beside)
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -490,8 +498,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         for tag, opts in (("repeat_a", {}), ("repeat_b", {}), ("deterministic_ops", {"deterministic_algorithms": True})):
             run(b, tag, False, {**opts, "iterations": args.option_iterations // 2}, check_outputs=False)
         rep = {r["run"]: r for r in results["runs"] if r["bundle"] == b and r["run"].startswith("repeat") and "losses" in r}
-        if len(rep) == 2:
-            results["repeatable_losses"] = rep["repeat_a"]["losses"] == rep["repeat_b"]["losses"]
+        if len(rep) == 2:  # bit-identical losses and weights of two identical runs of the bundle defaults?
+            results["repeatable_losses"] = rep["repeat_a"]["losses_sha1"] == rep["repeat_b"]["losses_sha1"]
+            results["repeatable_weights"] = rep["repeat_a"]["weights_sha1"] == rep["repeat_b"]["weights_sha1"]
     results["done"] = True
     write_json(args.out, results)
     text = table(results)
