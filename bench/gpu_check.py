@@ -307,11 +307,15 @@ def checkpoint_roundtrip(parser: Any, network: torch.nn.Module, run_dir: Path) -
     trained = {k: v.detach().cpu() for k, v in unwrap(network).state_dict().items()}
     identical = all(torch.equal(trained[k], v) for k, v in fresh.state_dict().items()) and trained.keys() == fresh.state_dict().keys()
     ckpts = sorted((run_dir / "checkpoints").glob("*.pt"))
-    full = torch.load(ckpts[-1], map_location="cpu", weights_only=True) if ckpts else {}
-    return {"ok": bool(identical and {"network", "optimizer", "lr_scheduler", "trainer"} <= set(full)),
-            "weights_identical": bool(identical), "resumable_checkpoint": ckpts[-1].name if ckpts else None,
-            "resumable_keys": sorted(full), "model_mib": round((run_dir / "model.pt").stat().st_size / 2 ** 20, 1),
-            "network": fresh}
+    out: dict[str, Any] = {"weights_identical": bool(identical), "resumable_checkpoint": ckpts[-1].name if ckpts else None,
+                           "model_mib": round((run_dir / "model.pt").stat().st_size / 2 ** 20, 1), "network": fresh}
+    try:  # as TrainingCheckpoints' resume reads it (MONAI CheckpointLoader -> torch.load)
+        full = torch.load(ckpts[-1], map_location="cpu", weights_only=True) if ckpts else {}
+    except Exception as e:  # recorded, so that the evaluation of the reloaded weights still runs
+        full, out["resumable_error"] = {}, f"{type(e).__name__}: {str(e)[:300]}"
+    out["resumable_keys"] = sorted(full)
+    out["ok"] = bool(identical and {"network", "optimizer", "lr_scheduler", "trainer"} <= set(full))
+    return out
 
 
 def eval_parity(args: argparse.Namespace, network: torch.nn.Module, episode: tuple) -> dict[str, Any]:
@@ -366,7 +370,7 @@ def table(results: dict[str, Any]) -> str:
                          f"| {'ERROR ' + r['error'] if 'error' in r else 'skipped: ' + r['skipped']} | | |")
             continue
         ev = r.get("eval") or {}
-        agree = fmt(100 * ev["default"]["agreement"], ".3f") if "default" in ev else "-"
+        agree = fmt(100 * ev["default"]["agreement"], ".3f") if "default" in ev else ("eval ERROR" if "error" in ev else "-")
         if "fp32_no_tf32" in ev:
             agree += f" (no TF32 {100 * ev['fp32_no_tf32']['agreement']:.3f})"
         ck = r.get("checkpoint") or {}
@@ -467,7 +471,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             r = train_once(args, bundle, work, tag, amp, options, min(end, now + args.run_cap_s), check_outputs)
             fresh = (r.get("checkpoint") or {}).pop("network", None)
             if fresh is not None and time.perf_counter() < end:
-                r["eval"] = eval_parity(args, fresh, episode)
+                try:
+                    r["eval"] = eval_parity(args, fresh, episode)
+                except Exception as e:  # keep the training figures of this run
+                    r["eval"] = {"ok": False, "error": f"{type(e).__name__}: {str(e)[:300]}",
+                                 "traceback": traceback.format_exc()[-3000:]}
             del fresh
         except Exception as e:  # one broken bundle must not stop the check: record it and go on
             r = {"bundle": bundle, "run": tag, "amp": amp, "options": options,
