@@ -35,9 +35,12 @@ build_pid=$!
 "$PY" bench/gpu_check.py --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_check.log"
 status=${PIPESTATUS[0]}
 
-if wait "$build_pid" && "$PY" -c "import fsmis_monai._felzenszwalb3d"; then
-    echo "supervoxel extension: built and imported"
+wait "$build_pid"
+build_status=$?
+if [ "$build_status" -eq 0 ] && "$PY" -c "import fsmis_monai._felzenszwalb3d"; then
+    message="supervoxel extension: built and imported"
 else
-    echo "supervoxel extension: NOT built (see $OUT/build_ext.log)"
-fi | tee -a "$OUT/gpu_check.log"
+    message="supervoxel extension: NOT built (exit status $build_status, see $OUT/build_ext.log)"
+fi
+echo "$message" | tee -a "$OUT/gpu_check.log"
 exit "$status"
