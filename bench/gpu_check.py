@@ -58,7 +58,6 @@ from fsmis_monai.commands.quickstart import BUNDLES_DIR, QUERY_ID, SAMPLE_DIR, S
 BUNDLES = ("ssl_alpnet", "adnet", "qnet", "lslpn", "gmrd", "pami", "difd")
 AGREEMENT_GOAL = 0.999  # argmax agreement device vs CPU, fraction of pixels
 OPTION_BUNDLE = "qnet"  # the paper encoder most bundles share (qnet_resnet101)
-PSEUDOLABEL_DIRS = {"supervoxels": "supervoxels_5000", "superpixels": "superpixels_400"}
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -216,9 +215,8 @@ def overrides_for(args: argparse.Namespace, bundle: str, work: Path, run_dir: Pa
         over["num_workers"] = workers
     if args.encoder:
         over["encoder"] = args.encoder
-    if args.pseudolabels is not None:
-        kind = "superpixels" if bundle == "ssl_alpnet" else "supervoxels"
-        over["pseudolabel_dir"] = str(args.pseudolabels / PSEUDOLABEL_DIRS[kind])
+    if args.pseudolabels is not None:  # the bundle names its folder in it (registry's pseudolabel_folder)
+        over["cache_dir"] = str(args.pseudolabels)
     if args.size != 256:  # the references' 200-pixel minimum class size is meant for 256^2 slices
         over["min_size"] = max(1, round(200 * (args.size / 256) ** 2))
     if options.get("channels_last"):
@@ -420,8 +418,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--amp", choices=("both", "off", "on"), default="both", help="AMP modes to train each bundle in")
     p.add_argument("--eval-slices", type=int, default=4)
     p.add_argument("--pseudolabels", type=Path, default=None,
-                   help="folder with supervoxels_5000/ and superpixels_400/ of the training scans (default: "
-                        ".devdata when present, else generated into the work folder)")
+                   help="the bundles' cache_dir: chaos_mr_t2_supervoxels_5000/ and chaos_mr_t2_superpixels_400/ of the "
+                        "training scans (default: .devdata when present, else generated into the work folder)")
     p.add_argument("--budget-s", type=float, default=360.0, help="wall-clock budget of the whole check")
     p.add_argument("--run-cap-s", type=float, default=None, help="longest training run (default budget / 16)")
     p.add_argument("--no-options", action="store_true", help="skip the speed options and the repeatability runs")
