@@ -37,6 +37,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -281,6 +282,7 @@ def train_once(args: argparse.Namespace, bundle: str, work: Path, tag: str, amp:
     if check_outputs:  # ignite fires COMPLETED after a terminate() too, so the final files exist
         result["checkpoint"] = checkpoint_roundtrip(parser, network, run_dir)
     del workflow, parser, trainer, network, probe  # nothing of this run may stay on the GPU
+    shutil.rmtree(run_dir, ignore_errors=True)  # ~0.5 GB of checkpoints per paper-encoder run
     return result
 
 
