@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from fsmis_monai.data.datalist import ScanFiles, pair_scans
 from fsmis_monai.data.registry import DatasetDescriptor, get_dataset, get_fold
-from fsmis_monai.data.volumes import IntensityStats, intensity_stats, load_volumes
+from fsmis_monai.data.contract import NORMALIZATIONS, DataContract
+from fsmis_monai.data.volumes import IntensityStats, intensity_stats, load_volumes, volume_contract
 from fsmis_monai.evaluation.inferer import FewShotSliceInferer
 from fsmis_monai.evaluation.metrics import CaseResult, case_status, confusion_counts, dice_from_counts, summarize_cases
 from fsmis_monai.evaluation.protocols import ProtocolPlan, SupportGroup, check_protocols, make_plan, merge_requests
@@ -50,23 +51,24 @@ class Scan:
 
 
 def load_scan(files: ScanFiles, desc: DatasetDescriptor, normalization: Normalization = "volume",
-              stats: Optional[IntensityStats] = None) -> Scan:
-    """Read, check, remap and normalise a scan with the data layer's loader (the same as training uses).
+              stats: Optional[IntensityStats] = None, contract: Optional[DataContract] = None) -> Scan:
+    """Read, check, remap and normalise a scan with the data contract's pipeline, the one training and
+    inference use (:func:`fsmis_monai.data.contract.build_pipeline`).
 
-    ``volume``: z-score over the whole scan (ADNet, Q-Net, GMRD, PAMI, DIFD; SSL-ALPNet on MR);
-    ``global``: z-score with the training scans' ``stats`` (SSL-ALPNet on CT); ``slice_minmax``: each slice
-    scaled to [0, 1] (LSLPN); ``none``: stored intensities.
+    ``contract`` (the trained model's, :func:`fsmis_monai.data.contract.load_contract`) wins over
+    ``normalization``/``stats``, which describe a contract at the stored grid and size: ``volume``: z-score
+    over the whole scan (ADNet, Q-Net, GMRD, PAMI, DIFD; SSL-ALPNet on MR); ``global``: z-score with the
+    training scans' ``stats`` (SSL-ALPNet on CT); ``slice_minmax``: each slice scaled to [0, 1] (LSLPN);
+    ``none``: stored intensities.
     """
     if files.label is None:
         raise FsmisInputError(f"{files.image}: no label file; evaluation needs label_{files.scan_id}")
-    if normalization not in ("volume", "global", "slice_minmax", "none"):
-        raise ValueError(f"unknown normalization {normalization!r}; use volume, global, slice_minmax or none")
-    base = "none" if normalization == "slice_minmax" else normalization
-    vol = load_volumes([files], desc, normalization=base, stats=stats)[0]
+    if contract is None:
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"unknown normalization {normalization!r}; use volume, global, slice_minmax or none")
+        contract = volume_contract(desc, normalization, stats)
+    vol = load_volumes([files], desc, contract=contract)[0]
     image = vol.image.transpose(1, 2, 0)  # [Z, X, Y] -> [X, Y, Z] view
-    if normalization == "slice_minmax":
-        lo, hi = image.min(axis=(0, 1)), image.max(axis=(0, 1))
-        image = ((image - lo) / np.maximum(hi - lo, 1e-8)).astype(np.float32)
     return Scan(files.scan_id, image, vol.label.transpose(1, 2, 0), vol.affine, Path(files.image))
 
 
@@ -306,7 +308,7 @@ class FewShotEvaluator:
                     vol = assemble(plan, preds, query.label.shape)
                     volumes[p] = vol
                     tp, fp, fn = confusion_counts(vol, truth, plan.scored)
-                    status = case_status(tp, fn)
+                    status = case_status(tp, fn, fp, p)
                     dice = dice_from_counts(tp, fp, fn, plan.dice_smooth) if status == "ok" else float("nan")
                     rows.append(CaseResult(fold, query.scan_id, support.scan_id, c, self.desc.class_name(c), p, dice,
                                            tp, fp, fn, int(plan.scored.sum()), int(plan.predicted.sum()), status))

@@ -61,7 +61,7 @@ class ADNet(FewShotSegmenter):
         threshold_loss_weight: float = 1.0,
     ) -> None:
         super().__init__()
-        self.encoder = resolve_encoder(encoder, pretrained_weights)
+        self.encoder = resolve_encoder(encoder, pretrained_weights, faithful)
         self.faithful = faithful
         self.feature_key = feature_key
         self.threshold = nn.Parameter(torch.tensor([float(threshold_init)]))

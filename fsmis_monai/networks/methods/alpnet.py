@@ -62,7 +62,7 @@ class ALPNet(FewShotSegmenter):
         norm_eps: float = 1e-4,
     ) -> None:
         super().__init__()
-        self.encoder = resolve_encoder(encoder, pretrained_weights)
+        self.encoder = resolve_encoder(encoder, pretrained_weights, faithful)
         self.faithful = faithful
         self.feature_key = feature_key
         self.train_window, self.test_window = train_window, test_window

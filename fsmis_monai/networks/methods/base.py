@@ -38,6 +38,12 @@ class FewShotSegmenter(nn.Module):
     #: Registry name used in bundle configs (``method: "qnet"``).
     name: str = "base"
 
+    def __init__(self) -> None:
+        super().__init__()
+        from fsmis_monai.networks.layout import record_and_check_layout
+
+        record_and_check_layout(self)  # every state dict records the layout, every load checks it
+
     def encode_support(self, support_images: torch.Tensor, support_masks: torch.Tensor) -> SupportState:
         raise NotImplementedError
 
@@ -62,9 +68,22 @@ class FewShotSegmenter(nn.Module):
         return torch.stack([v.reshape(()) for v in losses.values()]).sum()
 
 
-def resolve_encoder(encoder: "str | nn.Module", pretrained_weights: Optional[str] = None) -> nn.Module:
-    """An encoder module as given, or the registered encoder of that name (imported only when needed)."""
+def resolve_encoder(
+    encoder: "str | nn.Module", pretrained_weights: Optional[str] = None, faithful: bool = False
+) -> nn.Module:
+    """An encoder module as given, or the registered encoder of that name (imported only when needed), in the
+    reference repository's layout when ``faithful`` (the method's own switch, so a bundle's ``faithful``
+    reaches its encoder; see :func:`~fsmis_monai.networks.encoders.build_encoder`)."""
     if isinstance(encoder, nn.Module):
+        if getattr(encoder, "faithful", faithful) != faithful:
+            import warnings
+
+            warnings.warn(
+                f"faithful={faithful} but the given {type(encoder).__name__} was built with faithful="
+                f"{encoder.faithful} (layout {getattr(encoder, 'layout', '?')!r}); it is used as given",
+                UserWarning,
+                stacklevel=3,
+            )
         if pretrained_weights is not None:
             from fsmis_monai.networks.encoders import load_pretrained_weights
 
@@ -72,7 +91,7 @@ def resolve_encoder(encoder: "str | nn.Module", pretrained_weights: Optional[str
         return encoder
     from fsmis_monai.networks.encoders import build_encoder
 
-    return build_encoder(encoder, pretrained_weights=pretrained_weights)
+    return build_encoder(encoder, pretrained_weights=pretrained_weights, faithful=faithful)
 
 
 def check_support(support_images: torch.Tensor, support_masks: torch.Tensor) -> None:

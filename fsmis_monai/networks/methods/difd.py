@@ -257,7 +257,7 @@ class DIFD(FewShotSegmenter):
         n_boxes: int = 100,
     ) -> None:
         super().__init__()
-        self.encoder = resolve_encoder(encoder, pretrained_weights)
+        self.encoder = resolve_encoder(encoder, pretrained_weights, faithful)
         self.feature_key = feature_key
         self.faithful = faithful
         self.decoder_inputs = decoder_inputs or ("released" if faithful else "intended")

@@ -193,7 +193,7 @@ class GMRD(FewShotSegmenter):
         eval_seed: int = 2025,
     ) -> None:
         super().__init__()
-        self.encoder = resolve_encoder(encoder, pretrained_weights)
+        self.encoder = resolve_encoder(encoder, pretrained_weights, faithful)
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
         if len(size) != 2:
             raise ValueError(f"image_size must be an int or (H, W), got {image_size!r}")

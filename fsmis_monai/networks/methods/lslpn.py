@@ -117,7 +117,7 @@ class LSLPN(FewShotSegmenter):
         faithful: bool = False,
     ) -> None:
         super().__init__()
-        self.encoder = resolve_encoder(encoder, pretrained_weights)
+        self.encoder = resolve_encoder(encoder, pretrained_weights, faithful)
         self.feature_key = feature_key
         self.n_grid = n_grid
         self.overlap = overlap

@@ -229,7 +229,7 @@ class PAMI(FewShotSegmenter):
         compute_unused_paths: Optional[bool] = None,
     ) -> None:
         super().__init__()
-        self.encoder = resolve_encoder(encoder, pretrained_weights)
+        self.encoder = resolve_encoder(encoder, pretrained_weights, faithful)
         self.path_weights = dict(path_weights or {"down2": 1.0, "down3": 0.0})
         self.n_regions = n_regions
         self.n_iterations = n_iterations

@@ -83,7 +83,7 @@ class QNet(FewShotSegmenter):
         align_weight: float = 1.0,
     ) -> None:
         super().__init__()
-        self.encoder = resolve_encoder(encoder, pretrained_weights)
+        self.encoder = resolve_encoder(encoder, pretrained_weights, faithful)
         self.faithful = faithful
         self.alpha = alpha
         self.refine_steps, self.refine_lr = refine_steps, refine_lr
