@@ -14,6 +14,7 @@ from fsmis_monai.engines.resume import (
     latest_checkpoint,
 )
 from fsmis_monai.engines.inference import FewShotVolumeInferer, load_support
+from fsmis_monai.engines.performance import amp_kwargs, set_cudnn
 from fsmis_monai.engines.validation import FewShotValidation
 
 __all__ = [
@@ -22,6 +23,8 @@ __all__ = [
     "pseudolabel_command",
     "FewShotVolumeInferer",
     "load_support",
+    "amp_kwargs",
+    "set_cudnn",
     "FewShotInferer",
     "FewShotLoss",
     "FewShotPrepareBatch",
