@@ -114,59 +114,107 @@ def test_own_masks_with_any_raw_value(cmr_dir, tmp_path):
         load_support(image, own, 255, 1, dataset="chaos")
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _inference_json(bundle: str, **override):
+    """A bundle's rendered ``inference.json`` through MONAI's own ``ConfigWorkflow``."""
+    from monai.bundle import ConfigWorkflow
+
+    configs = REPO / "bundles" / bundle / "configs"
+    wf = ConfigWorkflow(config_file=str(configs / "inference.json"), meta_file=str(configs / "metadata.json"),
+                        logging_file=str(configs / "logging.conf"), workflow_type="infer",
+                        bundle_root=str(REPO / "bundles" / bundle), **override)
+    wf.initialize()
+    return wf
+
+
 def _variants(src: Path, out: Path) -> dict[str, Path]:
-    """The same scan stored three other ways: in-plane axes swapped, reoriented (RAS-like), re-gridded."""
+    """The same scan stored other ways: in-plane axes swapped, reoriented (flipped in-plane, RAS-like storage),
+    re-gridded to 0.8 x 0.8 x 4 mm on a grid covering the original's extent (as 400 x 400 x 59 covers a whole
+    CHAOS scan), and re-gridded to 0.8 x 0.8 x 3.85 mm (every original slice kept: half its 7.7 mm)."""
     from monai.transforms import LoadImage, Spacing
 
     img = nib.load(str(src))
     a = np.asarray(img.dataobj, dtype=np.float32)
-    files = {"original": (a, img.affine),
-             "swapped": (a.transpose(1, 0, 2), img.affine[:, [1, 0, 2, 3]])}
+    files = {"swapped": (a.transpose(1, 0, 2), img.affine[:, [1, 0, 2, 3]])}
     flip = np.diag([-1.0, -1.0, 1.0, 1.0])
     flip[:2, 3] = [a.shape[0] - 1, a.shape[1] - 1]
     files["reoriented"] = (a[::-1, ::-1], img.affine @ flip)
-    regrid = Spacing(pixdim=(0.8, 0.8, 4.0), mode="bilinear")(LoadImage(image_only=True, ensure_channel_first=True)(str(src)))
-    files["regridded"] = (regrid[0].numpy(), regrid.affine.numpy())
-    paths = {}
+    loaded = LoadImage(image_only=True, ensure_channel_first=True)(str(src))
+    zooms = img.header.get_zooms()[:3]
+    for name, pixdim in (("regridded", (0.8, 0.8, 4.0)), ("regridded_exact", (0.8, 0.8, zooms[2] / 2))):
+        cover = [int(np.ceil((n - 1) * z / p - 1e-6)) + 1 for n, z, p in zip(a.shape, zooms, pixdim)]
+        regrid = Spacing(pixdim=pixdim, mode="bilinear")(loaded, output_spatial_shape=cover)
+        files[name] = (regrid[0].numpy(), regrid.affine.numpy())
+    paths = {"original": src}
     for k, (arr, affine) in files.items():
         paths[k] = out / f"{k}.nii.gz"
         nib.save(nib.Nifti1Image(np.ascontiguousarray(arr), affine), str(paths[k]))
     return paths
 
 
-def test_predictions_are_written_in_each_query_files_own_geometry(chaos_dir, tmp_path):
-    """Fixed random weights (independent of training quality): the prediction on each stored form, written in
-    that file's geometry and resampled onto the original grid, agrees with the original's prediction."""
+def test_the_pipeline_resamples_as_an_independent_trilinear_interpolation(chaos_dir, tmp_path):
+    """A re-gridded query brought back to the model's grid by the contract's pipeline equals scipy's trilinear
+    interpolation of the file at the original voxel centres: the pipeline adds nothing to the interpolation
+    the re-gridded file forces (what makes its prediction differ below)."""
+    from scipy.ndimage import map_coordinates
+
+    src = tmp_path / "original.nii.gz"
+    img = nib.load(str(chaos_dir / "image_20.nii.gz"))
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[..., 12:20], img.affine), str(src))
+    regridded = nib.load(str(_variants(src, tmp_path)["regridded"]))
+    contract = contract_from_scans([chaos_dir / "image_1.nii.gz"], "chaos", normalization="none")
+    out = query_preprocessing(contract)({"image": str(regridded.get_filename())})["image"]
+    assert out.shape[1:] == (256, 256, 8) and np.allclose(out.affine.numpy(), img.affine, atol=1e-4)
+    ijk = np.stack(np.meshgrid(*[np.arange(s) for s in out.shape[1:]], indexing="ij")).reshape(3, -1)
+    xyz = np.linalg.inv(regridded.affine) @ img.affine @ np.vstack([ijk, np.ones(ijk.shape[1])])
+    expected = map_coordinates(np.asarray(regridded.dataobj, dtype=np.float64), xyz[:3], order=1, mode="nearest")
+    np.testing.assert_allclose(out[0].numpy(), expected.reshape(out.shape[1:]), atol=1e-5 * np.abs(expected).max())
+
+
+def test_inference_json_writes_each_query_in_its_own_geometry(chaos_dir, tmp_path):
+    """inference.json end to end with fixed random weights and their saved contract (128 px, resize): every
+    stored form of a real CHAOS query gets a prediction with its own shape and affine which, resampled onto the
+    original grid (nearest), agrees with the original's prediction (independent of training quality)."""
     from monai.transforms import LoadImage, ResampleToMatch
 
     from fsmis_monai.networks.methods import build_method
 
-    src = tmp_path / "query.nii.gz"  # a few slices of held-out scan 20 keep it fast
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    src = queries / "original.nii.gz"  # a few slices of held-out scan 20 keep it fast
     img = nib.load(str(chaos_dir / "image_20.nii.gz"))
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[..., 12:20], img.affine), str(src))
-    paths = _variants(src, tmp_path)
-    contract = contract_from_scans([chaos_dir / "image_1.nii.gz"], "chaos", image_size=(128, 128), fit_mode="resize")
+    paths = _variants(src, queries)
     torch.manual_seed(0)
-    net = build_method("ssl_alpnet", encoder="small").eval()
-    inferer = FewShotVolumeInferer(*load_support(chaos_dir / "image_15.nii.gz", chaos_dir / "label_15.nii.gz",
-                                                 "liver", 3, contract=contract))
-    pre = query_preprocessing(contract)
-    post = prediction_postprocessing(pre, tmp_path / "pred", write_overlays=False)
+    ckpt = tmp_path / "models" / "model.pt"
+    ckpt.parent.mkdir()
+    torch.save(build_method("ssl_alpnet", encoder="small").state_dict(), ckpt)
+    save_contract(contract_from_scans([chaos_dir / "image_1.nii.gz"], "chaos", image_size=(128, 128),
+                                      fit_mode="resize"), ckpt)
+    wf = _inference_json("ssl_alpnet", encoder="small", dataset_dir=str(queries), output_dir=str(tmp_path / "pred"),
+                         ckpt_path=str(ckpt), support_image=str(chaos_dir / "image_15.nii.gz"),
+                         support_label=str(chaos_dir / "label_15.nii.gz"), support_class="liver",
+                         write_overlays=False, device="$torch.device('cpu')")
+    assert wf.parser.get_parsed_content("contract").image_size == (128, 128)  # the model's contract, not 256
+    wf.run()
+    wf.finalize()
     load = LoadImage(image_only=True, ensure_channel_first=True)
     original = load(str(src))
     preds = {}
     for k, path in paths.items():
-        d = pre({"image": str(path)})
-        with torch.no_grad():
-            d["pred"] = inferer(d["image"][None], net)[0]
-        post(d)
         written = nib.load(str(tmp_path / "pred" / f"{k}_fewshot.nii.gz"))
         stored = nib.load(str(path))
-        assert written.shape == stored.shape and np.allclose(written.affine, stored.affine, atol=1e-4)
+        assert written.shape == stored.shape and np.allclose(written.affine, stored.affine, atol=1e-4), k
         preds[k] = ResampleToMatch(mode="nearest")(load(str(written.get_filename())), original)[0].numpy() > 0.5
     ref = preds["original"]
     assert 0.01 < ref.mean() < 0.5  # a real segmentation, not all or nothing
     dice = {k: 2 * (ref & p).sum() / (ref.sum() + p.sum()) for k, p in preds.items()}
-    assert dice["swapped"] >= 0.99 and dice["reoriented"] >= 0.99, dice
-    # re-gridding interpolates the image twice (0.8 x 0.8 x 4 mm and back), which random weights amplify
+    assert dice["swapped"] >= 0.99 and dice["reoriented"] >= 0.99, dice  # same voxels: identical up to rounding
+    assert dice["regridded_exact"] >= 0.95, dice  # every original slice kept: in-plane interpolation only
+    # 4 mm slices interpolate between the 7.7 mm ones: the file itself holds a blurred scan (the pipeline adds
+    # nothing to it, test above), which random weights amplify. Measured here 0.952 (3.85 mm: 0.981); weight
+    # seeds 1 and 2: 0.951 and 0.918 (3.85 mm: 0.984, 0.968), so the issue's 0.95 holds for lossless
+    # re-gridding only and the 4 mm bound is set below the seed spread.
     assert dice["regridded"] >= 0.9, dice
