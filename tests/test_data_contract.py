@@ -3,6 +3,7 @@ classes by name or raw value, predictions in the query file's own geometry. Real
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -275,3 +276,63 @@ def test_bundle_training_evaluation_and_inference_give_the_same_network_input(bu
         assert training.shape == (size, size, 10)
         np.testing.assert_allclose(inference, training, atol=1e-6, rtol=0, err_msg=f"{bundle} {normalization} {size}")
         np.testing.assert_allclose(evaluation, training, atol=1e-6, rtol=0, err_msg=f"{bundle} {normalization} {size}")
+
+
+@pytest.fixture(scope="module")
+def tiny_cmr(cmr_dir, tmp_path_factory):
+    """MS-CMRSeg scans 1 (support) and 2 (query) cut to their central 96 x 96 x 6, released labels (0/200/500/600)
+    kept, and scan 1's blood pool as a user's own 0/255 mask."""
+    from fsmis_monai.io import save_nifti
+
+    data = tmp_path_factory.mktemp("tiny_cmr")
+    for i in (1, 2):
+        image, label = nib.load(cmr_dir / f"image_{i}.nii.gz"), nib.load(cmr_dir / f"label_{i}.nii.gz")
+        lab = np.asarray(label.dataobj)
+        zs = np.flatnonzero((lab == 200).any(axis=(0, 1)))
+        z0 = int(zs[len(zs) // 2]) - 3
+        affine = image.affine.copy()
+        affine[:3, 3] = image.affine[:3, :3] @ np.array([80.0, 80.0, z0]) + image.affine[:3, 3]
+        window = (slice(80, 176), slice(80, 176), slice(z0, z0 + 6))
+        save_nifti(data / f"image_{i}.nii.gz", np.asarray(image.dataobj)[window].astype(np.float32), affine=affine)
+        save_nifti(data / f"label_{i}.nii.gz", lab[window].astype(np.int16), affine=affine)
+        if i == 1:
+            save_nifti(data / "mask_1.nii.gz", np.where(lab[window] == 500, 255, 0).astype(np.uint8), affine=affine)
+    (data / "queries").mkdir()
+    shutil.copy(data / "image_2.nii.gz", data / "queries" / "image_2.nii.gz")
+    return data
+
+
+def test_released_cmr_labels_and_own_masks_in_inference_json_and_freeze(tiny_cmr, tmp_path):
+    """inference.json and ``fsmis freeze`` take the released MS-CMRSeg labels by class name or raw value (the
+    same prediction / the same frozen support), and a user's own 0/255 mask with no dataset (``none``)."""
+    from fsmis_monai.commands.freeze import freeze_bundle
+    from fsmis_monai.networks.methods import build_method
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "adnet.pt"
+    torch.save(build_method("adnet", encoder="small").state_dict(), ckpt)
+    runs = {"name": ("cmr_bssfp", "label_1", "lv_myocardium"), "raw": ("cmr_bssfp", "label_1", 200),
+            "own": ("none", "mask_1", 255)}
+    preds, frozen = {}, {}
+    for run, (dataset, label, cls) in runs.items():
+        wf = _inference_json("adnet", encoder="small", ckpt_path=str(ckpt), dataset_name=dataset,
+                             dataset_dir=str(tiny_cmr / "queries"), output_dir=str(tmp_path / run),
+                             support_image=str(tiny_cmr / "image_1.nii.gz"), support_class=cls,
+                             support_label=str(tiny_cmr / f"{label}.nii.gz"), write_overlays=False,
+                             device="$torch.device('cpu')")
+        wf.run()
+        wf.finalize()
+        written = nib.load(tmp_path / run / "image_2_fewshot.nii.gz")
+        assert written.shape == (96, 96, 6) and np.allclose(written.affine, nib.load(tiny_cmr / "image_2.nii.gz").affine)
+        preds[run] = np.asarray(written.dataobj)
+        out = freeze_bundle(REPO / "bundles" / "adnet", tiny_cmr / "image_1.nii.gz", tiny_cmr / f"{label}.nii.gz",
+                            cls, tmp_path / f"frozen_{run}", ckpt_path=ckpt, overrides={"encoder": "small"},
+                            dataset=dataset)
+        frozen[run] = torch.load(out / "models" / "model.pt", weights_only=True)
+        assert load_contract(out / "models" / "model.pt").label_map == (None if dataset == "none" else
+                                                                        get_dataset("cmr_bssfp").raw_label_map)
+    np.testing.assert_array_equal(preds["name"], preds["raw"])
+    for key in frozen["name"]:
+        torch.testing.assert_close(frozen["name"][key], frozen["raw"][key], rtol=0, atol=0)
+    # the own mask (255 where the released label is 500) selects other voxels: another support, another output
+    assert any(not torch.equal(frozen["own"][k], frozen["name"][k]) for k in frozen["name"])
