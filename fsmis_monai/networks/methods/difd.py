@@ -98,7 +98,7 @@ def random_boxes(height: int, width: int, n: int, generator: torch.Generator, as
 
 def window_rows(start: torch.Tensor, stop: torch.Tensor, size: int, dtype=torch.float32) -> torch.Tensor:
     """[n, size] indicator of the intervals [start, stop)."""
-    idx = torch.arange(size)
+    idx = torch.arange(size, device=start.device)
     return ((idx >= start[:, None]) & (idx < stop[:, None])).to(dtype)
 
 
@@ -158,7 +158,8 @@ class DualInterspersion(nn.Module):
     def boxes(self, features, mask, n_fg, n_bg, generator: torch.Generator):
         """Random-box prototypes: (fg [a, C], bg [b, C]) masked averages of the boxes that pass the tests."""
         height, width = mask.shape
-        boxes = random_boxes(height, width, self.n_boxes, generator)
+        # drawn on the CPU generator (same boxes on every device), then moved to the mask's device
+        boxes = random_boxes(height, width, self.n_boxes, generator).to(mask.device)
         rows = window_rows(boxes[:, 0], boxes[:, 2], height, mask.dtype)  # [n, H]
         cols = window_rows(boxes[:, 1], boxes[:, 3], width, mask.dtype)  # [n, W]
         area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).to(mask.dtype)
