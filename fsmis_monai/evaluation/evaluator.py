@@ -370,7 +370,9 @@ def evaluate(
     Further options: see :class:`FewShotEvaluator` (``classes``, ``query_ids``, ``support_id``,
     ``normalization``, ``global_stats``, ``faithful``, ``protocol_options``, ``save_predictions``,
     ``overlay_slices``, ``resume``, ``progress``, ``cache_support``: keep each fold's encoded support
-    groups for all its query scans; turn off for methods whose support state is large).
+    groups for all its query scans; turn off for methods whose support state is large, then a query scan's
+    groups, of all classes, are kept only while that scan is segmented). Each query slice is encoded once
+    for all classes, support groups and protocols (methods implementing ``encode_query``).
     """
     evaluator = FewShotEvaluator(model, dataset_dir, dataset=dataset, family=family, protocols=protocols,
                                  output_dir=output_dir, device=device, sw_batch_size=sw_batch_size, **options)
