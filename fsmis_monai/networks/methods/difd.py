@@ -50,9 +50,11 @@ from fsmis_monai.losses.boundary import BoundaryF1Loss
 from fsmis_monai.networks.methods.base import (
     FewShotOutput,
     FewShotSegmenter,
+    QueryFeatures,
     SupportState,
     check_support,
     encode_episodes,
+    encoder_features,
     resolve_encoder,
 )
 from fsmis_monai.networks.prototypes import MAP_EPS, binary_labels, masked_average_pooling, probability_nll, resize_to
@@ -351,10 +353,12 @@ class DIFD(FewShotSegmenter):
             state["bases"], features, state["features"], state["masks"], tau, state["tau"], state["image_size"]
         )
 
-    def segment(self, query_images: torch.Tensor, state: SupportState) -> torch.Tensor:
-        enc = self.encoder(query_images)
-        state = {**state, "image_size": tuple(query_images.shape[-2:])}  # logits at the query's size, not the support's
-        return self.query_logits(enc[self.feature_key], enc["tau"], state)
+    def encode_query(self, query_images: torch.Tensor) -> QueryFeatures:
+        return encoder_features(self.encoder, query_images, (self.feature_key, "tau"))
+
+    def segment_encoded(self, features: QueryFeatures, state: SupportState) -> torch.Tensor:
+        state = {**state, "image_size": tuple(features.image_size)}  # logits at the query's size, not the support's
+        return self.query_logits(features[self.feature_key], features["tau"], state)
 
     # -- training --------------------------------------------------------------------------------------
     def alignment_losses(self, state: SupportState, qry: torch.Tensor, qry_tau: torch.Tensor, logits: torch.Tensor):
