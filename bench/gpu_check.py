@@ -14,7 +14,8 @@ with overrides only (the bundle's dataset, network, optimiser, handlers and ``Su
   bit-identical to the trained weights, and that the resumable checkpoint holds network, optimiser,
   scheduler and trainer state;
 * segments ``--eval-slices`` liver slices of a held-out real CHAOS scan against a support slice of another,
-  on the device and on the CPU with the same weights: argmax agreement >= 99.9 % of the pixels passes.
+  on the device and on the CPU with the same weights: argmax agreement >= 99.9 % of the pixels in full FP32
+  (TF32 off) passes; the agreement under PyTorch's default (TF32 convolutions) is reported beside it.
 
 Then (GPU only, one bundle, AMP on) the speed options are measured one at a time against the bundle
 defaults: non-blocking copies, cuDNN autotuner, channels_last, DataLoader workers; and the run-to-run
@@ -345,7 +346,10 @@ def eval_parity(args: argparse.Namespace, network: torch.nn.Module, episode: tup
         agree = float((got.argmax(0) == ref.argmax(0)).float().mean())
         out[mode] = {"agreement": agree, "max_abs_logit_diff": float((got - ref).abs().max()),
                      "foreground_fraction_cpu": float((ref.argmax(0) == 1).float().mean()), "seconds": round(elapsed, 2)}
-    out["ok"] = out["default"]["agreement"] >= AGREEMENT_GOAL
+    # The goal is checked in full FP32: PyTorch's default lets cuDNN convolutions use TF32 (10-bit mantissa),
+    # which moves pixels near the decision boundary (measured on an H200: 99.87-99.98 % agreement with TF32,
+    # 100 % without; bench/RESULTS.md). The default-mode figure is reported beside it.
+    out["ok"] = out.get("fp32_no_tf32", out["default"])["agreement"] >= AGREEMENT_GOAL
     return out
 
 
