@@ -336,3 +336,42 @@ def test_released_cmr_labels_and_own_masks_in_inference_json_and_freeze(tiny_cmr
         torch.testing.assert_close(frozen["name"][key], frozen["raw"][key], rtol=0, atol=0)
     # the own mask (255 where the released label is 500) selects other voxels: another support, another output
     assert any(not torch.equal(frozen["own"][k], frozen["name"][k]) for k in frozen["name"])
+
+
+def test_evaluate_json_prepares_scans_by_the_saved_contract(tiny_scans, tmp_path, monkeypatch):
+    """evaluate.json over train.json reads the contract beside ``ckpt_path``: a network trained at 64 px with
+    global statistics is evaluated on the scans training saw (64 px, the same statistics), not at 128."""
+    from monai.bundle import ConfigParser
+
+    import fsmis_monai.evaluation.evaluator as evaluator
+    from fsmis_monai.networks.methods import build_method
+
+    configs = REPO / "bundles" / "adnet" / "configs"
+    models = tmp_path / "models"
+    common = {"bundle_root": str(REPO / "bundles" / "adnet"), "dataset_dir": str(tiny_scans), "fold": None,
+              "encoder": "small", "normalization": "global", "image_size": 64, "ckpt_path": str(models / "model.pt")}
+    train = ConfigParser()
+    train.read_config(str(configs / "train.json"))
+    train.update({**common, "output_dir": str(tmp_path / "run"), "contract_file": str(models / "data_contract.json"),
+                  "train#volumes#pseudolabel_dir": None})
+    training = {v.scan_id: np.moveaxis(v.image, 0, -1) for v in train.get_parsed_content("train#volumes")}
+    torch.manual_seed(0)
+    torch.save(build_method("adnet", encoder="small").state_dict(), models / "model.pt")
+    seen = {}
+
+    def recording_load_scan(files, *args, **kwargs):
+        scan = load_scan(files, *args, **kwargs)
+        seen[files.scan_id] = scan.image
+        return scan
+
+    monkeypatch.setattr(evaluator, "load_scan", recording_load_scan)
+    evaluate = ConfigParser()
+    evaluate.read_config([str(configs / "train.json"), str(configs / "evaluate.json")])
+    evaluate.update({**common, "output_dir": str(tmp_path / "eval"), "fold": 0, "protocols": ["ep1"], "classes": [1],
+                     "query_ids": [2], "support_id": 1, "device": "$torch.device('cpu')",
+                     "normalization": "volume"})  # the option for weights without a contract: not used
+    evaluate.get_parsed_content("evaluate")
+    assert seen.keys() == {1, 2}
+    for i, image in seen.items():
+        assert image.shape == (64, 64, 10)
+        np.testing.assert_allclose(image, training[i], atol=1e-6, rtol=0)
