@@ -197,15 +197,17 @@ def test_predictions_are_written_atomically(tmp_path, monkeypatch):
     from monai.data import MetaTensor
     from monai.transforms import SaveImage
 
-    from fsmis_monai.commands import freeze
-    from fsmis_monai.engines.inference import AtomicNibabelWriter
+    from monai.transforms import Compose, SaveImaged
 
-    writer = "fsmis_monai.engines.inference.AtomicNibabelWriter"
-    for cfg in sorted((REPO / "bundles").glob("*/configs/inference.json")):
-        transforms = json.loads(cfg.read_text(encoding="utf-8"))["postprocessing"]["transforms"]
-        saves = [t for t in transforms if t["_target_"] == "SaveImaged"]
-        assert saves and all(t.get("writer") == writer for t in saves), cfg
-    assert f'"writer": "{writer}"' in Path(freeze.__file__).read_text(encoding="utf-8")
+    from fsmis_monai.commands import freeze
+    from fsmis_monai.engines.inference import AtomicNibabelWriter, prediction_postprocessing
+
+    factory = "fsmis_monai.engines.inference.prediction_postprocessing("
+    for cfg in sorted((REPO / "bundles").glob("*/configs/inference.json")):  # every bundle's postprocessing
+        assert json.loads(cfg.read_text(encoding="utf-8"))["postprocessing"].startswith("$" + factory), cfg
+    assert factory in Path(freeze.__file__).read_text(encoding="utf-8")  # and the frozen bundle's
+    saves = [t for t in prediction_postprocessing(Compose([]), tmp_path).transforms if isinstance(t, SaveImaged)]
+    assert saves and all(t.saver.writers == (AtomicNibabelWriter,) for t in saves)
 
     save = SaveImage(output_dir=tmp_path, output_postfix="seg", separate_folder=False, print_log=False,
                      writer=AtomicNibabelWriter, resample=False)
