@@ -197,15 +197,23 @@ def test_predictions_are_written_atomically(tmp_path, monkeypatch):
     from monai.data import MetaTensor
     from monai.transforms import SaveImage
 
+    from fsmis_monai.commands import freeze
+    from fsmis_monai.engines.inference import AtomicNibabelWriter
+
     from monai.transforms import Compose, SaveImaged
 
-    from fsmis_monai.commands import freeze
-    from fsmis_monai.engines.inference import AtomicNibabelWriter, prediction_postprocessing
+    from fsmis_monai.engines.inference import prediction_postprocessing
 
-    factory = "fsmis_monai.engines.inference.prediction_postprocessing("
-    for cfg in sorted((REPO / "bundles").glob("*/configs/inference.json")):  # every bundle's postprocessing
-        assert json.loads(cfg.read_text(encoding="utf-8"))["postprocessing"].startswith("$" + factory), cfg
-    assert factory in Path(freeze.__file__).read_text(encoding="utf-8")  # and the frozen bundle's
+    writer = "fsmis_monai.engines.inference.AtomicNibabelWriter"
+    shared = "$fsmis_monai.engines.inference.prediction_postprocessing("
+    for cfg in sorted((REPO / "bundles").glob("*/configs/inference.json")):
+        post = json.loads(cfg.read_text(encoding="utf-8"))["postprocessing"]
+        if isinstance(post, str):  # the shared pipeline, checked below
+            assert post.startswith(shared), cfg
+            continue
+        saves = [t for t in post["transforms"] if t["_target_"] == "SaveImaged"]
+        assert saves and all(t.get("writer") == writer for t in saves), cfg
+    assert shared[1:] in Path(freeze.__file__).read_text(encoding="utf-8")  # the frozen bundle's too
     saves = [t for t in prediction_postprocessing(Compose([]), tmp_path).transforms if isinstance(t, SaveImaged)]
     assert saves and all(t.saver.writers == (AtomicNibabelWriter,) for t in saves)
 
