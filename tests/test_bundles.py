@@ -113,6 +113,8 @@ def test_two_iteration_training_run(bundle, tiny_data, tmp_path):
     assert (out / "checkpoints" / "checkpoint_final_iteration=2.pt").is_file()
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     saved = torch_load(out / "model.pt")
+    contract = json.loads((out / "data_contract.json").read_text())  # written beside the weights, with them
+    assert (contract["image_size"], contract["normalization"]) == ([64, 64], "volume")
     assert saved.keys() == before.keys()
     changed = [k for k in saved if saved[k].is_floating_point() and not torch.equal(saved[k], before[k])]
     assert changed, f"{bundle}: two SGD steps changed no weight"
@@ -136,6 +138,9 @@ def test_resume_after_stopped_run_continues_from_checkpoint(tiny_data, tmp_path)
 
     assert run(tmp_path / "full") == (0, 4)
     assert run(tmp_path / "part", stop_at=3) == (0, 3)
+    # stopped early: neither weights nor their data contract in place (the run's own contract stays in checkpoints/)
+    assert not (tmp_path / "part" / "model.pt").exists() and not (tmp_path / "part" / "data_contract.json").exists()
+    assert (tmp_path / "part" / "checkpoints" / "data_contract.json").is_file()
     assert run(tmp_path / "part") == (3, 4)  # restored from checkpoint_final_iteration=3.pt
     full, resumed = torch_load(tmp_path / "full" / "model.pt"), torch_load(tmp_path / "part" / "model.pt")
     for k in full:

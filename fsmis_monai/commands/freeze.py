@@ -202,7 +202,6 @@ def freeze_bundle(bundle: Path, support_image: Path, support_label: Path, suppor
     method_def, parser = method_definition(bundle, overrides or {})
     if dataset == "bundle":
         dataset = parser.get_parsed_content("dataset_name")
-    dataset = None if dataset is None or str(dataset).lower() in ("none", "") else dataset
     defaults = {k: parser[k] for k in ("normalization",) if k in parser}
     contract = model_contract(ckpt_path, dataset, **defaults)
     images, masks, picks = support_slices(support_image, support_label, support_class, PROTOCOL_SLICES[protocol],

@@ -90,8 +90,9 @@ class DataContract:
 
     @classmethod
     def for_dataset(cls, dataset: Optional[str], **kwargs: Any) -> "DataContract":
-        """A contract with the registry's label map and class names of ``dataset`` (``None``: own data)."""
-        if dataset is None:
+        """A contract with the registry's label map and class names of ``dataset`` (``None``, ``"none"`` or
+        ``""``: a user's own data, any raw label value is a class; the spelling a command line can pass)."""
+        if dataset is None or str(dataset).strip().lower() in ("none", ""):
             return cls(**kwargs)
         from fsmis_monai.data.registry import get_dataset
 

@@ -7,7 +7,9 @@ then: resume from the newest ``checkpoint_iteration=N.pt`` of ``ckpt_dir`` (``ma
 checkpoints load on CPU) into a run of the same or a larger iteration count
 (:class:`~fsmis_monai.engines.resume.ContinueRun`), save every ``save_interval`` iterations (ignite saves on
 rank 0 only), and when the run has trained all its iterations write the bare network weights to
-``final_path`` (the bundle's ``models/model.pt``).
+``final_path`` (the bundle's ``models/model.pt``), preceded by the run's data contract
+(``ckpt_dir/data_contract.json``, written by ``training_volumes(contract_file=...)`` when the run is built)
+copied beside it, so ``models/`` never pairs new weights with another run's contract.
 """
 
 from __future__ import annotations
@@ -61,7 +63,9 @@ class TrainingCheckpoints:
         resume: start from the newest checkpoint in ``ckpt_dir`` when there is one.
         map_location: passed to ``CheckpointLoader``.
         final_path: where the trained network's state dict goes when the run has trained all its iterations
-            (None: nowhere); a run stopped early (``terminate()``, an error, a kill) does not write it.
+            (None: nowhere); a run stopped early (``terminate()``, an error, a kill) does not write it. The
+            data contract of ``ckpt_dir`` (``data_contract.json``), when there is one, is written atomically
+            beside it just before.
         network_key: the entry of ``objects`` written to ``final_path``.
     """
 
@@ -128,6 +132,10 @@ class TrainingCheckpoints:
                            f"not written; run again to continue from the checkpoints in {self.ckpt_dir}")
             return
         if idist.get_rank() == 0:
+            from fsmis_monai.data.contract import CONTRACT_FILE, load_contract, save_contract
+
+            if (self.ckpt_dir / CONTRACT_FILE).is_file():  # the run's contract goes with its weights
+                save_contract(load_contract(self.ckpt_dir / CONTRACT_FILE), self.final_path)
             network = unwrap(self.objects[self.network_key])
             torch_save(network.state_dict(), self.final_path)
             logger.info(f"trained network written to {self.final_path}")

@@ -3,7 +3,8 @@
 Every ``interval`` iterations the network is evaluated with :func:`fsmis_monai.evaluation.evaluate` on
 scans held out of training (by default the query scans of the training fold, which the fold's training
 list excludes). The mean Dice of each protocol and class goes to the log, to TensorBoard and to
-``engine.state.metrics`` (``val_<protocol>_mean_dice``). It monitors training only: the saved model is the
+``engine.state.metrics`` (``val_<protocol>_mean_dice``). Scans are prepared by the run's data contract
+(``contract_file``), as the training volumes are. It monitors training only: the saved model is the
 last iteration, as in the reference methods, never one selected on these scans (methods.md 8.17).
 """
 
@@ -35,6 +36,7 @@ class FewShotValidation:
         output_dir: Optional[str | Path] = None,
         summary_writer: Any = None,
         device: Any = None,
+        contract_file: Optional[str | Path] = None,
         **evaluate_options: Any,
     ) -> None:
         self.network = network
@@ -47,6 +49,7 @@ class FewShotValidation:
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.writer = summary_writer
         self.device = device
+        self.contract_file = contract_file
         self.options = evaluate_options
 
     def attach(self, engine: Engine) -> None:
@@ -58,11 +61,16 @@ class FewShotValidation:
 
         it = engine.state.iteration
         out = None if self.output_dir is None else self.output_dir / f"iteration_{it}"
+        options = dict(self.options)
+        if self.contract_file is not None:  # the run's contract (written when its volumes were built)
+            from fsmis_monai.data.contract import load_contract
+
+            options["contract"] = load_contract(self.contract_file)
         was_training = self.network.training
         try:
             summary = evaluate(self.network, self.dataset_dir, dataset=self.dataset, fold=self.fold,
                                family=self.family, protocols=self.protocols, output_dir=out, device=self.device,
-                               progress=False, save_predictions=False, **self.options)
+                               progress=False, save_predictions=False, **options)
         finally:
             self.network.train(was_training)
         for protocol, stats in summary["protocols"].items():

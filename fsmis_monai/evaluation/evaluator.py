@@ -169,6 +169,7 @@ class FewShotEvaluator:
         support_id: Optional[int] = None,
         normalization: Normalization = "volume",
         global_stats: Optional[tuple[float, float]] = None,
+        contract: Optional[DataContract] = None,
         faithful: bool = False,
         protocol_options: Optional[dict[str, dict]] = None,
         save_predictions: bool = True,
@@ -191,6 +192,8 @@ class FewShotEvaluator:
         self.support_id = support_id
         self.normalization = normalization
         self.global_stats = global_stats
+        # the trained model's data contract wins over normalization/global_stats; labels read as this dataset's
+        self.contract = None if contract is None else contract.with_labels_of(self.desc.key)
         self.faithful = faithful
         self.protocol_options = protocol_options or {}
         self.save_predictions = save_predictions and self.output_dir is not None
@@ -218,6 +221,7 @@ class FewShotEvaluator:
             "dataset": self.desc.key, "family": self.family, "protocols": list(self.protocols),
             "classes": list(self.classes), "folds": fold_runs, "normalization": self.normalization,
             "global_stats": list(self.global_stats) if self.global_stats else None, "faithful": self.faithful,
+            "contract": None if self.contract is None else self.contract.to_dict(),
             "protocol_options": self.protocol_options, "model": type(self.model).__name__,
             "model_sha1": model_fingerprint(self.model),
         }
@@ -251,9 +255,9 @@ class FewShotEvaluator:
             fold_dir = None if self.output_dir is None else (
                 self.output_dir if len(folds) == 1 else self.output_dir / f"fold_{f}")
             stats = None if self.global_stats is None else IntensityStats(*map(float, self.global_stats))
-            if self.normalization == "global" and stats is None:
+            if self.normalization == "global" and stats is None and self.contract is None:
                 stats = intensity_stats([files[i] for i in train_ids])
-            support = load_scan(files[support_id], self.desc, self.normalization, stats)
+            support = load_scan(files[support_id], self.desc, self.normalization, stats, self.contract)
             support_image = to_channels(support.image)
             self._states: dict[int, dict] = {}  # encoded support groups per class, kept for the fold
             fold_cases: list[CaseResult] = []
@@ -262,7 +266,7 @@ class FewShotEvaluator:
                 if cached is not None:
                     fold_cases += cached
                     continue
-                query = load_scan(files[qid], self.desc, self.normalization, stats)
+                query = load_scan(files[qid], self.desc, self.normalization, stats, self.contract)
                 rows = self._evaluate_query(f, query, support, support_image, fold_dir, overlays=(n == 0))
                 self._cache(f, qid, rows)
                 fold_cases += rows
@@ -370,7 +374,8 @@ def evaluate(
     ``dice_boxplot.png``, ``overlays/*.png`` and ``predictions/<protocol>/<query_id>/class_<c>.nii.gz``
     (several folds: one ``fold_<k>/`` folder each plus the aggregate) and resumes an interrupted run.
     Further options: see :class:`FewShotEvaluator` (``classes``, ``query_ids``, ``support_id``,
-    ``normalization``, ``global_stats``, ``faithful``, ``protocol_options``, ``save_predictions``,
+    ``normalization``, ``global_stats``, ``contract`` (the trained model's data contract, which wins over
+    both: orientation, spacing, intensity, in-plane size), ``faithful``, ``protocol_options``, ``save_predictions``,
     ``overlay_slices``, ``resume``, ``progress``, ``cache_support``: keep each fold's encoded support
     groups for all its query scans; turn off for methods whose support state is large, then a query scan's
     groups, of all classes, are kept only while that scan is segmented). Each query slice is encoded once

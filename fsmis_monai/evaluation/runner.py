@@ -62,10 +62,17 @@ def run_evaluation(
     """Evaluate from plain keyword settings (the shared bundle keys); returns the summary dict.
 
     ``network`` (e.g. instantiated by a bundle config) wins over ``method``. ``seed`` makes the weights of
-    an untrained network reproducible. Unknown keys are passed to :func:`~fsmis_monai.evaluation.evaluate`.
+    an untrained network reproducible. The data contract saved beside ``ckpt_path``
+    (:func:`fsmis_monai.data.contract.load_contract`) prepares every scan as in training (weights without one:
+    the ``normalization`` option at the stored grid). Unknown keys are passed to
+    :func:`~fsmis_monai.evaluation.evaluate`.
     """
+    from fsmis_monai.data.contract import contract_path, load_contract
+
     if seed is not None:
         torch.manual_seed(int(seed))
     model = build_model(network if network is not None else method, ckpt_path, method_kwargs)
+    if ckpt_path and "contract" not in options and contract_path(ckpt_path).is_file():
+        options["contract"] = load_contract(ckpt_path)
     return evaluate(model, dataset_dir, dataset=dataset, fold=fold, family=family, protocols=protocols,
                     output_dir=output_dir, device=device, sw_batch_size=sw_batch_size, **options)
