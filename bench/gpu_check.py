@@ -20,9 +20,11 @@ with overrides only (the bundle's dataset, network, optimiser, handlers and ``Su
   on the device and on the CPU with the same weights: argmax agreement >= 99.9 % of the pixels in full FP32
   (TF32 off) passes; the agreement under PyTorch's default (TF32 convolutions) is reported beside it.
 
-Then (GPU only, one bundle, AMP on) the speed options are measured one at a time against the bundle
-defaults: non-blocking copies, cuDNN autotuner, channels_last, DataLoader workers; and the run-to-run
-repeatability of the bundle defaults (two identical runs) plus the ops PyTorch reports as non-deterministic.
+Then (GPU only, one bundle, the bundle defaults: AMP off) the speed options are measured one at a time
+against a run of the defaults of the same length: blocking copies, cuDNN autotuner, channels_last, DataLoader
+workers, autotuner and channels_last together; and the run-to-run repeatability of the bundle defaults (two
+identical runs) plus the ops PyTorch reports as non-deterministic. ``ratios`` in the JSON: each bundle's AMP
+on/off median step time, and each option's over the defaults' run.
 
 A ``--budget-s`` guard skips what would not fit and stops a run that outlasts its share; the JSON is
 rewritten after every run. One table is printed at the end.
@@ -215,10 +217,13 @@ def overrides_for(args: argparse.Namespace, bundle: str, work: Path, run_dir: Pa
         "ckpt_path": str(run_dir / "model.pt"),
         "save_interval": 0,
         "image_interval": 10 ** 9,
-        "amp": amp,
-        "train#trainer#amp_kwargs": "$fsmis_monai.engines.amp_kwargs(@device)",
-        "train#trainer#non_blocking": bool(options.get("non_blocking", False)),
+        "amp": amp,  # with the bundle's amp_kwargs: bfloat16 where the GPU has it
     }
+    for key in ("cudnn_benchmark", "channels_last"):  # the bundles' own switches (default off)
+        if key in options:
+            over[key] = bool(options[key])
+    if "non_blocking" in options:  # the bundles copy non-blocking by default
+        over["train#trainer#non_blocking"] = bool(options["non_blocking"])
     workers = options.get("workers", args.workers)
     if workers is not None:  # None: the bundle's own num_workers
         over["num_workers"] = workers
@@ -228,9 +233,6 @@ def overrides_for(args: argparse.Namespace, bundle: str, work: Path, run_dir: Pa
         over["cache_dir"] = str(args.pseudolabels)
     if args.size != 256:  # the references' 200-pixel minimum class size is meant for 256^2 slices
         over["min_size"] = max(1, round(200 * (args.size / 256) ** 2))
-    if options.get("channels_last"):
-        over["network"] = "$@network_def.to(device=@device, memory_format=torch.channels_last)"
-        over["train#prepare_batch#channels_last"] = True
     return over
 
 
@@ -239,8 +241,6 @@ def train_once(args: argparse.Namespace, bundle: str, work: Path, tag: str, amp:
     """One training run through the bundle's train.json. With ``check_outputs`` the result's
     ``checkpoint["network"]`` is a fresh CPU network holding the reloaded weights."""
     from monai.bundle import ConfigWorkflow
-
-    from fsmis_monai.engines import set_cudnn
 
     device = torch.device(args.device)
     run_dir = work / "runs" / f"{bundle}_{tag}"
@@ -251,9 +251,7 @@ def train_once(args: argparse.Namespace, bundle: str, work: Path, tag: str, amp:
     t0 = time.perf_counter()
     workflow = ConfigWorkflow(config_file=str(configs / "train.json"), meta_file=str(configs / "metadata.json"),
                               logging_file=False, workflow_type="train", bundle_root=str(BUNDLES_DIR / bundle), **over)
-    workflow.initialize()  # the bundle's "initialize": set_determinism(seed) -> cudnn deterministic, no benchmark
-    if "cudnn_benchmark" in options:
-        set_cudnn(benchmark=options["cudnn_benchmark"])
+    workflow.initialize()  # the bundle's "initialize": set_determinism(seed), then set_cudnn(@cudnn_benchmark)
     if "deterministic_algorithms" in options:
         torch.use_deterministic_algorithms(True, warn_only=True)
     parser = workflow.parser
@@ -427,6 +425,18 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def step_ratios(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Median step time ratios: ``amp_on_over_off`` per bundle, ``option_over_defaults`` per speed option."""
+    step = {(r["bundle"], r["run"]): r["step_s"] for r in runs if r.get("step_s")}
+    out: dict[str, dict[str, float]] = {"amp_on_over_off": {}, "option_over_defaults": {}}
+    for (bundle, tag), s in step.items():
+        if tag == "amp_on" and (bundle, "amp_off") in step:
+            out["amp_on_over_off"][bundle] = round(s / step[(bundle, "amp_off")], 3)
+        if tag.startswith("opt_") and tag != "opt_defaults" and (bundle, "opt_defaults") in step:
+            out["option_over_defaults"][tag[4:]] = round(s / step[(bundle, "opt_defaults")], 3)
+    return out
+
+
 def write_json(out: Path, results: dict[str, Any]) -> None:
     """Atomic rewrite of ``out/gpu_check.json`` (called after every run, so a killed check leaves data)."""
     results["elapsed_s"] = round(time.perf_counter() - results["_t0"], 1)
@@ -539,19 +549,21 @@ def main(argv: Optional[list[str]] = None) -> int:
             run(bundle, f"amp_{mode}", mode == "on", {}, check_outputs=i == 0)
     if not args.no_options and (device.type == "cuda" or args.force_options):
         b = OPTION_BUNDLE if OPTION_BUNDLE in args.bundles else args.bundles[0]
-        for tag, opts in (("opt_non_blocking", {"non_blocking": True}),
+        for tag, opts in (("opt_defaults", {}),
+                          ("opt_blocking_copies", {"non_blocking": False}),
                           ("opt_cudnn_benchmark", {"cudnn_benchmark": True}),
                           ("opt_channels_last", {"channels_last": True}),
                           ("opt_workers_0", {"workers": 0}),
                           ("opt_workers_8", {"workers": 8}),
-                          ("opt_all", {"non_blocking": True, "cudnn_benchmark": True, "channels_last": True})):
-            run(b, tag, True, {**opts, "iterations": args.option_iterations}, check_outputs=False)
+                          ("opt_all", {"cudnn_benchmark": True, "channels_last": True})):
+            run(b, tag, False, {**opts, "iterations": args.option_iterations}, check_outputs=False)
         for tag, opts in (("repeat_a", {}), ("repeat_b", {}), ("deterministic_ops", {"deterministic_algorithms": True})):
             run(b, tag, False, {**opts, "iterations": args.option_iterations // 2}, check_outputs=False)
         rep = {r["run"]: r for r in results["runs"] if r["bundle"] == b and r["run"].startswith("repeat") and "losses" in r}
         if len(rep) == 2:  # bit-identical losses and weights of two identical runs of the bundle defaults?
             results["repeatable_losses"] = rep["repeat_a"]["losses_sha1"] == rep["repeat_b"]["losses_sha1"]
             results["repeatable_weights"] = rep["repeat_a"]["weights_sha1"] == rep["repeat_b"]["weights_sha1"]
+    results["ratios"] = step_ratios(results["runs"])
     results["done"] = True
     write_json(args.out, results)
     text = table(results)
