@@ -262,6 +262,7 @@ def train_once(args: argparse.Namespace, bundle: str, work: Path, tag: str, amp:
                   amp_active=bool(amp and device.type == "cuda"),
                   cudnn_benchmark=torch.backends.cudnn.benchmark, cudnn_deterministic=torch.backends.cudnn.deterministic,
                   pin_memory=bool(trainer.data_loader.pin_memory), non_blocking=bool(trainer.non_blocking),
+                  channels_last=bool(getattr(trainer.prepare_batch, "channels_last", False)),
                   workers=int(trainer.data_loader.num_workers), setup_s=round(time.perf_counter() - t0, 2))
     probe = RunProbe(device, deadline)
     probe.attach(trainer, network)
