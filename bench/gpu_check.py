@@ -12,14 +12,19 @@ with overrides only (the bundle's dataset, network, optimiser, handlers and ``Su
   ``find_unused_parameters=True`` only when there are any);
 * reloads the checkpoint the run wrote (``models/model.pt`` equivalent) into a fresh network and checks it is
   bit-identical to the trained weights, and that the resumable checkpoint holds network, optimiser,
-  scheduler and trainer state;
+  scheduler and trainer state at the iteration trained. A run stopped by the time cap (``--run-cap-s``) is
+  reported as capped with the iterations it did; it writes no ``model.pt`` (only a finished run does,
+  :class:`fsmis_monai.engines.TrainingCheckpoints`), so its weights are checked in the checkpoint MONAI's
+  ``CheckpointSaver`` writes at the stop (``checkpoint_final_iteration=N.pt``);
 * segments ``--eval-slices`` liver slices of a held-out real CHAOS scan against a support slice of another,
   on the device and on the CPU with the same weights: argmax agreement >= 99.9 % of the pixels in full FP32
   (TF32 off) passes; the agreement under PyTorch's default (TF32 convolutions) is reported beside it.
 
-Then (GPU only, one bundle, AMP on) the speed options are measured one at a time against the bundle
-defaults: non-blocking copies, cuDNN autotuner, channels_last, DataLoader workers; and the run-to-run
-repeatability of the bundle defaults (two identical runs) plus the ops PyTorch reports as non-deterministic.
+Then (GPU only, one bundle, the bundle defaults: AMP off) the speed options are measured one at a time
+against a run of the defaults of the same length: blocking copies, cuDNN autotuner, channels_last, DataLoader
+workers, autotuner and channels_last together; and the run-to-run repeatability of the bundle defaults (two
+identical runs) plus the ops PyTorch reports as non-deterministic. ``ratios`` in the JSON: each bundle's AMP
+on/off median step time, and each option's over the defaults' run.
 
 A ``--budget-s`` guard skips what would not fit and stops a run that outlasts its share; the JSON is
 rewritten after every run. One table is printed at the end.
@@ -102,7 +107,8 @@ def eval_episode(size: int, n_slices: int) -> tuple[torch.Tensor, torch.Tensor, 
 # ------------------------------------------------------------------------------------------ measuring
 class RunProbe:
     """Ignite handlers that time the trainer's iterations and batch waits, record the loss and the
-    parameters that received a gradient, and stop the run at ``deadline`` (``time.perf_counter``)."""
+    parameters that received a gradient, and stop the run at the first iteration end past ``deadline``
+    (``time.perf_counter``): the time cap."""
 
     def __init__(self, device: torch.device, deadline: float) -> None:
         self.device, self.deadline = device, deadline
@@ -110,7 +116,7 @@ class RunProbe:
         self.waits: list[float] = []
         self.losses: list[float] = []
         self.grad_counts: dict[str, int] = {}
-        self.stopped_early = False
+        self.capped = False
         self._t = 0.0
         self._hooks: list[Any] = []
 
@@ -157,8 +163,11 @@ class RunProbe:
         self.losses.append(float(torch.as_tensor(engine.state.output[CommonKeys.LOSS]).detach()))
         self._sync()
         self.ends.append(time.perf_counter())
-        if self.ends[-1] > self.deadline:
-            self.stopped_early = True
+        from fsmis_monai.engines.resume import iterations_asked
+
+        asked = iterations_asked(engine)
+        if self.ends[-1] > self.deadline and (asked is None or engine.state.iteration < asked):
+            self.capped = True  # a stop at the last iteration would be a finished run
             engine.terminate()
 
     def summary(self, warmup: int, batch_size: int) -> dict[str, Any]:
@@ -172,6 +181,7 @@ class RunProbe:
         unused = sorted(k for k, c in self.grad_counts.items() if c < n)
         return {
             "iterations": n,
+            "capped": self.capped,  # stopped by the time cap before its max_iterations
             "timed_iterations": int(len(timed)),
             "step_s": float(np.median(timed)) if len(timed) else None,
             "step_mean_s": float(np.mean(timed)) if len(timed) else None,
@@ -184,7 +194,6 @@ class RunProbe:
             "loss_decreased": bool(losses) and last < first,
             "losses": [round(x, 5) for x in losses],
             "losses_sha1": hashlib.sha1(np.asarray(losses, dtype=np.float64).tobytes()).hexdigest(),
-            "stopped_early": self.stopped_early,
             "params_without_grad_in_some_step": len(unused),
             "params_without_grad_examples": unused[:6],
         }
@@ -208,10 +217,13 @@ def overrides_for(args: argparse.Namespace, bundle: str, work: Path, run_dir: Pa
         "ckpt_path": str(run_dir / "model.pt"),
         "save_interval": 0,
         "image_interval": 10 ** 9,
-        "amp": amp,
-        "train#trainer#amp_kwargs": "$fsmis_monai.engines.amp_kwargs(@device)",
-        "train#trainer#non_blocking": bool(options.get("non_blocking", False)),
+        "amp": amp,  # with the bundle's amp_kwargs: bfloat16 where the GPU has it
     }
+    for key in ("cudnn_benchmark", "channels_last"):  # the bundles' own switches (default off)
+        if key in options:
+            over[key] = bool(options[key])
+    if "non_blocking" in options:  # the bundles copy non-blocking by default
+        over["train#trainer#non_blocking"] = bool(options["non_blocking"])
     workers = options.get("workers", args.workers)
     if workers is not None:  # None: the bundle's own num_workers
         over["num_workers"] = workers
@@ -221,9 +233,6 @@ def overrides_for(args: argparse.Namespace, bundle: str, work: Path, run_dir: Pa
         over["cache_dir"] = str(args.pseudolabels)
     if args.size != 256:  # the references' 200-pixel minimum class size is meant for 256^2 slices
         over["min_size"] = max(1, round(200 * (args.size / 256) ** 2))
-    if options.get("channels_last"):
-        over["network"] = "$@network_def.to(device=@device, memory_format=torch.channels_last)"
-        over["train#prepare_batch#channels_last"] = True
     return over
 
 
@@ -233,29 +242,27 @@ def train_once(args: argparse.Namespace, bundle: str, work: Path, tag: str, amp:
     ``checkpoint["network"]`` is a fresh CPU network holding the reloaded weights."""
     from monai.bundle import ConfigWorkflow
 
-    from fsmis_monai.engines import set_cudnn
-
     device = torch.device(args.device)
     run_dir = work / "runs" / f"{bundle}_{tag}"
     configs = BUNDLES_DIR / bundle / "configs"
     over = overrides_for(args, bundle, work, run_dir, amp, options)
-    result: dict[str, Any] = {"bundle": bundle, "run": tag, "amp": amp, "options": options}
+    result: dict[str, Any] = {"bundle": bundle, "run": tag, "amp": amp, "options": options,
+                              "iterations_asked": over["max_iterations"]}
     t0 = time.perf_counter()
     workflow = ConfigWorkflow(config_file=str(configs / "train.json"), meta_file=str(configs / "metadata.json"),
                               logging_file=False, workflow_type="train", bundle_root=str(BUNDLES_DIR / bundle), **over)
-    workflow.initialize()  # the bundle's "initialize": set_determinism(seed) -> cudnn deterministic, no benchmark
-    if "cudnn_benchmark" in options:
-        set_cudnn(benchmark=options["cudnn_benchmark"])
+    workflow.initialize()  # the bundle's "initialize": set_determinism(seed), then set_cudnn(@cudnn_benchmark)
     if "deterministic_algorithms" in options:
         torch.use_deterministic_algorithms(True, warn_only=True)
     parser = workflow.parser
     trainer = parser.get_parsed_content("train#trainer")
     network = parser.get_parsed_content("network")
     result.update(encoder=parser.get_parsed_content("encoder"), batch_size=parser.get_parsed_content("batch_size"),
-                  amp_dtype=str(trainer.amp_kwargs.get("dtype", "float16" if amp else "float32")).replace("torch.", ""),
+                  amp_dtype=str(trainer.amp_kwargs.get("dtype", "float16")).replace("torch.", "") if amp else "float32",
                   amp_active=bool(amp and device.type == "cuda"),
                   cudnn_benchmark=torch.backends.cudnn.benchmark, cudnn_deterministic=torch.backends.cudnn.deterministic,
                   pin_memory=bool(trainer.data_loader.pin_memory), non_blocking=bool(trainer.non_blocking),
+                  channels_last=bool(getattr(trainer.prepare_batch, "channels_last", False)),
                   workers=int(trainer.data_loader.num_workers), setup_s=round(time.perf_counter() - t0, 2))
     probe = RunProbe(device, deadline)
     probe.attach(trainer, network)
@@ -280,8 +287,8 @@ def train_once(args: argparse.Namespace, bundle: str, work: Path, tag: str, amp:
         result["nondeterministic_ops"] = caught
     result["peak_mem_gib"] = (torch.cuda.max_memory_allocated(device) / 2 ** 30) if device.type == "cuda" else None
     result["train_s"] = round(time.perf_counter() - t0, 2)
-    if check_outputs:  # ignite fires COMPLETED after a terminate() too, so the final files exist
-        result["checkpoint"] = checkpoint_roundtrip(parser, network, run_dir)
+    if check_outputs:  # ignite fires COMPLETED after a terminate() too: the checkpoint at the stop exists
+        result["checkpoint"] = checkpoint_roundtrip(parser, network, run_dir, result["iterations"], result["capped"])
     del workflow, parser, trainer, network, probe  # nothing of this run may stay on the GPU
     shutil.rmtree(run_dir, ignore_errors=True)  # ~0.5 GB of checkpoints per paper-encoder run
     return result
@@ -298,24 +305,54 @@ def weights_digest(network: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def checkpoint_roundtrip(parser: Any, network: torch.nn.Module, run_dir: Path) -> dict[str, Any]:
-    """The run's final ``model.pt`` into a fresh network (bit-identical?) and its resumable checkpoint."""
-    from fsmis_monai.engines.checkpoints import unwrap
+def checkpoint_roundtrip(parser: Any, network: torch.nn.Module, run_dir: Path, iterations: int,
+                         capped: bool) -> dict[str, Any]:
+    """The run's weights into a fresh network (bit-identical to the trained ones?) and its resumable checkpoint.
 
-    fresh = parser.get_parsed_content("network_def", lazy=False)  # a new instance, on the CPU
-    state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
-    fresh.load_state_dict(state)
-    trained = {k: v.detach().cpu() for k, v in unwrap(network).state_dict().items()}
-    identical = all(torch.equal(trained[k], v) for k, v in fresh.state_dict().items()) and trained.keys() == fresh.state_dict().keys()
-    ckpts = sorted((run_dir / "checkpoints").glob("*.pt"))
-    out: dict[str, Any] = {"weights_identical": bool(identical), "resumable_checkpoint": ckpts[-1].name if ckpts else None,
-                           "model_mib": round((run_dir / "model.pt").stat().st_size / 2 ** 20, 1), "network": fresh}
-    try:  # as TrainingCheckpoints' resume reads it (MONAI CheckpointLoader -> torch.load)
-        full = torch.load(ckpts[-1], map_location="cpu", weights_only=True) if ckpts else {}
-    except Exception as e:  # recorded, so that the evaluation of the reloaded weights still runs
-        full, out["resumable_error"] = {}, f"{type(e).__name__}: {str(e)[:300]}"
+    A finished run is checked in its ``model.pt``; a run stopped by the time cap must not have written one
+    (``TrainingCheckpoints`` exports only finished runs) and is checked in the network entry of its newest
+    resumable checkpoint, the one a resume would load. Problems are recorded (``ok`` false, ``problems``),
+    never raised, so that the check goes on."""
+    from fsmis_monai.engines.checkpoints import unwrap
+    from fsmis_monai.engines.resume import checkpoint_iteration, latest_checkpoint
+
+    final = run_dir / "model.pt"
+    newest = latest_checkpoint(run_dir / "checkpoints")
+    out: dict[str, Any] = {"model_written": final.is_file(), "resumable_checkpoint": newest and Path(newest).name,
+                           "model_mib": round(final.stat().st_size / 2 ** 20, 1) if final.is_file() else None}
+    problems = []
+    if out["model_written"] == capped:
+        problems.append("a capped run wrote model.pt" if capped else "a finished run wrote no model.pt")
+    full: dict[str, Any] = {}
+    if newest is None:
+        problems.append("no resumable checkpoint")
+    else:
+        try:  # as TrainingCheckpoints' resume reads it (MONAI CheckpointLoader -> torch.load)
+            full = torch.load(newest, map_location="cpu", weights_only=True)
+        except Exception as e:  # recorded, so that the evaluation of the reloaded weights still runs
+            problems.append(f"resumable checkpoint unreadable: {type(e).__name__}: {str(e)[:300]}")
+        if checkpoint_iteration(newest) != iterations:
+            problems.append(f"newest checkpoint {Path(newest).name} is not of iteration {iterations}")
     out["resumable_keys"] = sorted(full)
-    out["ok"] = bool(identical and {"network", "optimizer", "lr_scheduler", "trainer"} <= set(full))
+    missing = {"network", "optimizer", "lr_scheduler", "trainer"} - set(full)
+    if full and missing:
+        problems.append(f"resumable checkpoint lacks {sorted(missing)}")
+    if out["model_written"]:
+        state, out["weights_from"] = torch.load(final, map_location="cpu", weights_only=True), "model.pt"
+    else:
+        state, out["weights_from"] = full.get("network"), out["resumable_checkpoint"]
+    out["weights_identical"] = False
+    if state is not None:
+        fresh = parser.get_parsed_content("network_def", lazy=False)  # a new instance, on the CPU
+        fresh.load_state_dict(state)
+        trained = {k: v.detach().cpu() for k, v in unwrap(network).state_dict().items()}
+        loaded = fresh.state_dict()
+        out["weights_identical"] = trained.keys() == loaded.keys() and all(torch.equal(trained[k], v) for k, v in loaded.items())
+        out["network"] = fresh
+        if not out["weights_identical"]:
+            problems.append(f"weights in {out['weights_from']} differ from the trained ones")
+    out["problems"] = problems
+    out["ok"] = not problems
     return out
 
 
@@ -378,14 +415,27 @@ def table(results: dict[str, Any]) -> str:
         if "fp32_no_tf32" in ev:
             agree += f" (no TF32 {100 * ev['fp32_no_tf32']['agreement']:.3f})"
         ck = r.get("checkpoint") or {}
+        its = f"{r['iterations']} of {r['iterations_asked']}, capped" if r.get("capped") else str(r["iterations"])
         lines.append(
-            f"| {r['bundle']} | {r['run']} | {r['encoder']} | {r['amp_dtype'] if r['amp'] else 'off'} | {r['iterations']} "
+            f"| {r['bundle']} | {r['run']} | {r['encoder']} | {r['amp_dtype'] if r['amp'] else 'off'} | {its} "
             f"| {fmt(r['step_s'] and 1000 * r['step_s'], '.1f')} | {fmt(r['episodes_per_s'], '.1f')} "
             f"| {fmt(r['data_share'] and 100 * r['data_share'], '.1f')} | {fmt(r['peak_mem_gib'], '.2f')} "
             f"| {r['loss_first_quarter']:.3f} -> {r['loss_last_quarter']:.3f} "
             f"| {'yes' if r['loss_finite'] else 'NO'}, {'yes' if r['loss_decreased'] else 'no'} "
             f"| {'-' if not ck else ('ok' if ck.get('ok') else 'FAIL' if ck.get('ok') is False else 'n/a')} | {agree} |")
     return "\n".join(lines)
+
+
+def step_ratios(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Median step time ratios: ``amp_on_over_off`` per bundle, ``option_over_defaults`` per speed option."""
+    step = {(r["bundle"], r["run"]): r["step_s"] for r in runs if r.get("step_s")}
+    out: dict[str, dict[str, float]] = {"amp_on_over_off": {}, "option_over_defaults": {}}
+    for (bundle, tag), s in step.items():
+        if tag == "amp_on" and (bundle, "amp_off") in step:
+            out["amp_on_over_off"][bundle] = round(s / step[(bundle, "amp_off")], 3)
+        if tag.startswith("opt_") and tag != "opt_defaults" and (bundle, "opt_defaults") in step:
+            out["option_over_defaults"][tag[4:]] = round(s / step[(bundle, "opt_defaults")], 3)
+    return out
 
 
 def write_json(out: Path, results: dict[str, Any]) -> None:
@@ -490,7 +540,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         results["runs"].append(r)
         write_json(args.out, results)
         print(f"[{time.perf_counter() - t0:6.1f} s] {bundle} {tag}: "
-              + (r.get("error") or f"{r['iterations']} its, step {r['step_s'] and 1000 * r['step_s']:.1f} ms, "
+              + (r.get("error") or f"{r['iterations']} its{' (capped)' if r['capped'] else ''}, step {r['step_s'] and 1000 * r['step_s']:.1f} ms, "
                  f"loss {r['loss_first_quarter']:.3f} -> {r['loss_last_quarter']:.3f}"), flush=True)
         return r
 
@@ -500,19 +550,21 @@ def main(argv: Optional[list[str]] = None) -> int:
             run(bundle, f"amp_{mode}", mode == "on", {}, check_outputs=i == 0)
     if not args.no_options and (device.type == "cuda" or args.force_options):
         b = OPTION_BUNDLE if OPTION_BUNDLE in args.bundles else args.bundles[0]
-        for tag, opts in (("opt_non_blocking", {"non_blocking": True}),
+        for tag, opts in (("opt_defaults", {}),
+                          ("opt_blocking_copies", {"non_blocking": False}),
                           ("opt_cudnn_benchmark", {"cudnn_benchmark": True}),
                           ("opt_channels_last", {"channels_last": True}),
                           ("opt_workers_0", {"workers": 0}),
                           ("opt_workers_8", {"workers": 8}),
-                          ("opt_all", {"non_blocking": True, "cudnn_benchmark": True, "channels_last": True})):
-            run(b, tag, True, {**opts, "iterations": args.option_iterations}, check_outputs=False)
+                          ("opt_all", {"cudnn_benchmark": True, "channels_last": True})):
+            run(b, tag, False, {**opts, "iterations": args.option_iterations}, check_outputs=False)
         for tag, opts in (("repeat_a", {}), ("repeat_b", {}), ("deterministic_ops", {"deterministic_algorithms": True})):
             run(b, tag, False, {**opts, "iterations": args.option_iterations // 2}, check_outputs=False)
         rep = {r["run"]: r for r in results["runs"] if r["bundle"] == b and r["run"].startswith("repeat") and "losses" in r}
         if len(rep) == 2:  # bit-identical losses and weights of two identical runs of the bundle defaults?
             results["repeatable_losses"] = rep["repeat_a"]["losses_sha1"] == rep["repeat_b"]["losses_sha1"]
             results["repeatable_weights"] = rep["repeat_a"]["weights_sha1"] == rep["repeat_b"]["weights_sha1"]
+    results["ratios"] = step_ratios(results["runs"])
     results["done"] = True
     write_json(args.out, results)
     text = table(results)

@@ -54,7 +54,10 @@ def test_two_process_gloo_training(chaos_dir, tmp_path):
            "--fold", "$None", "--encoder", "small", "--image_size", "64", "--max_iterations", str(ITERATIONS),
            "--num_workers", "0", "--val_interval", "0", "--progress_bar", "False", "--log_interval", "1",
            "--image_interval", "1",
-           "--save_interval", "2", "--output_dir", str(out), "--ckpt_path", str(out / "model.pt")]
+           "--save_interval", "2", "--output_dir", str(out), "--ckpt_path", str(out / "model.pt"),
+           # ADNet's paper encoder trains every parameter (the bundle's default False), but the small encoder's
+           # heads for other methods (proj2, tau_head) get no gradient: DDP must look for unused parameters
+           "--find_unused_parameters", "True"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
