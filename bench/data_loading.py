@@ -28,6 +28,14 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("FSMIS_DATA", REPO.parent / "shared" / "data")) / "chaos_mr_t2"
 
 
+def time_episodes(dataset, n: int = 20, start: int = 0) -> float:
+    """Mean wall-clock seconds to build one episode (``dataset[i]`` for ``n`` consecutive indices)."""
+    t0 = time.perf_counter()
+    for i in range(start, start + n):
+        dataset[i]
+    return (time.perf_counter() - t0) / n
+
+
 def make_pseudolabels(files, out: Path) -> tuple[Path, Path]:
     """Supervoxels (ADNet, min_size 5000) and superpixels (ALP) of ``files``, written with the image geometry."""
     from fsmis_monai.io import load_nifti, save_nifti
@@ -99,7 +107,6 @@ def main() -> int:
         GroundTruthEpisodeDataset,
         SuperpixelEpisodeDataset,
         SupervoxelEpisodeDataset,
-        time_episodes,
     )
     from fsmis_monai.data.volumes import load_volumes
 

@@ -126,7 +126,7 @@ def main() -> int:
     batch = batch if batch is not None else synthetic_episode(args.size, args.shots)
     data_s = None
     if dataset is not None:
-        from fsmis_monai.data.episodes import time_episodes
+        from data_loading import time_episodes  # bench/ is the script's folder, first on sys.path
 
         data_s = time_episodes(dataset, n=10, start=1)
 

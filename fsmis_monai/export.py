@@ -91,7 +91,7 @@ class FrozenFewShotSegmenter(nn.Module):
 
     def __init__(self, method: FewShotSegmenter, support_spec: Mapping, refine: bool = True) -> None:
         super().__init__()
-        if not refine and getattr(method, "test_time_grad", False):
+        if not refine and method.test_time_grad:
             if not hasattr(method, "refine_steps"):
                 raise ValueError(f"{type(method).__name__} optimises at test time and has no refine_steps to turn off")
             method.refine_steps = 0
@@ -118,7 +118,7 @@ class FrozenFewShotSegmenter(nn.Module):
     @property
     def exportable(self) -> bool:
         """Whether ``torch.jit.trace`` / ONNX can record the whole forward (no autograd at test time)."""
-        return not getattr(self.method, "test_time_grad", False)
+        return not self.method.test_time_grad
 
     def support_state(self) -> SupportState:
         """The method's support state rebuilt from the buffers and the constants of the spec."""

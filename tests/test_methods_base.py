@@ -12,8 +12,8 @@ from fsmis_monai.io import load_nifti
 from fsmis_monai.losses import (
     prototype_alignment_loss,
     threshold_loss,
+    probability_nll,
     weighted_cross_entropy,
-    weighted_nll_from_probs,
 )
 from fsmis_monai.networks.methods import build_method
 from fsmis_monai.networks.methods.adnet import ADNet
@@ -104,7 +104,6 @@ def test_encode_once_then_segment_equals_forward_in_eval(name):
 def test_registry_names_and_classes():
     assert type(_build("ssl_alpnet")) is ALPNet and ALPNet.name == "ssl_alpnet"
     assert type(_build("adnet")) is ADNet and type(_build("qnet")) is QNet
-    assert QNet.requires_single_query is False
 
 
 class _CoarseOnly(torch.nn.Module):
@@ -312,7 +311,7 @@ def test_weighted_losses_against_numpy():
     w = np.array([0.1, 1.0])
     picked = np.take_along_axis(np.log(p), np.where(valid, lab, 0)[:, None], axis=1)[:, 0]
     expected = (-(w[np.where(valid, lab, 0)] * picked)[valid]).sum() / w[np.where(valid, lab, 0)][valid].sum()
-    assert float(weighted_nll_from_probs(probs, labels, [0.1, 1.0])) == pytest.approx(expected, rel=1e-5)
+    assert float(probability_nll(probs, labels, [0.1, 1.0])) == pytest.approx(expected, rel=1e-5)
     assert float(threshold_loss(torch.tensor([-10.0]))) == pytest.approx(-0.5)
 
 

@@ -42,7 +42,6 @@ exclusion (``exclude_classes=()``); see :func:`setting_exclusions`.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -62,7 +61,6 @@ __all__ = [
     "GroundTruthEpisodeDataset",
     "excluded_slices",
     "setting_exclusions",
-    "time_episodes",
 ]
 
 
@@ -372,14 +370,3 @@ class GroundTruthEpisodeDataset(EpisodeDataset):
         pool = self.class_slices[c]
         picks = [pool[i] for i in rng.choice(len(pool), size=self.n_shots + self.n_queries, replace=False)]
         return _Draw(picks[: self.n_shots], picks[self.n_shots:], c)
-
-
-# ------------------------------------------------------------------------------------------ loading
-
-
-def time_episodes(dataset: Dataset, n: int = 20, start: int = 0) -> float:
-    """Mean wall-clock seconds to build one episode (``dataset[i]`` for ``n`` consecutive indices)."""
-    t0 = time.perf_counter()
-    for i in range(start, start + n):
-        dataset[i]
-    return (time.perf_counter() - t0) / n

@@ -3,14 +3,14 @@
 The support set is encoded once (``method.encode_support``) and bound to the network the inferer calls
 (:class:`SupportBoundSegmenter`): MONAI 1.5-1.6's ``SliceInferer`` forwards no keyword argument to the
 network except ``condition``, so the support state cannot travel as an argument. Query slices go through
-``method.segment`` ``sw_batch_size`` at a time (1 when the method sets ``requires_single_query = True``).
+``method.segment`` ``sw_batch_size`` at a time.
 
 :meth:`FewShotSliceInferer.segment_shared` serves many support states on one query stack: each query slice
 is encoded once (``method.encode_query``) and its features segmented against every state that asks for it
 (``method.segment_encoded``), chunk by chunk.
 
-Everything runs under :func:`torch.inference_mode`, except for methods that set
-``test_time_grad = True`` (test-time optimisation such as Q-Net's prototype refinement), which run under
+Everything runs under :func:`torch.inference_mode`, except for methods whose capability flag
+``test_time_grad`` is True (test-time optimisation such as Q-Net's prototype refinement), which run under
 :func:`torch.no_grad` so that they may re-enable gradients inside ``segment``.
 """
 
@@ -26,13 +26,9 @@ from torch import nn
 from fsmis_monai.networks.methods.base import FewShotSegmenter, SupportState
 
 
-def inference_context(method: nn.Module) -> contextlib.AbstractContextManager:
+def inference_context(method: FewShotSegmenter) -> contextlib.AbstractContextManager:
     """``inference_mode`` unless the method optimises at test time (then ``no_grad``)."""
-    return torch.no_grad() if getattr(method, "test_time_grad", False) else torch.inference_mode()
-
-
-def effective_batch_size(method: nn.Module, sw_batch_size: int) -> int:
-    return 1 if getattr(method, "requires_single_query", False) else max(1, int(sw_batch_size))
+    return torch.no_grad() if method.test_time_grad else torch.inference_mode()
 
 
 class SupportBoundSegmenter(nn.Module):
@@ -103,7 +99,7 @@ class FewShotSliceInferer:
         inferer = SliceInferer(
             spatial_dim=self.spatial_dim,
             roi_size=roi,
-            sw_batch_size=effective_batch_size(method, self.sw_batch_size),
+            sw_batch_size=max(1, int(self.sw_batch_size)),
             overlap=0.0,
             mode="constant",
             sw_device=dev,
@@ -144,7 +140,7 @@ class FewShotSliceInferer:
         wanted = sorted({int(z) for zs in requests.values() for z in zs})
         position = {key: {int(z): i for i, z in enumerate(zs)} for key, zs in requests.items()}
         pieces: Dict[Hashable, list] = {key: [None] * len(zs) for key, zs in requests.items()}
-        step = effective_batch_size(method, self.sw_batch_size)
+        step = max(1, int(self.sw_batch_size))
         with inference_context(method):
             for start in range(0, len(wanted), step):
                 chunk = wanted[start : start + step]

@@ -3,12 +3,11 @@
 from fsmis_monai.losses.core import (
     IGNORE_INDEX,
     PROB_EPS,
-    clamped_log_probs,
+    binary_labels,
+    probability_nll,
     prototype_alignment_loss,
-    support_labels,
     threshold_loss,
     weighted_cross_entropy,
-    weighted_nll_from_log_probs,
-    weighted_nll_from_probs,
+    weighted_nll,
 )
 from fsmis_monai.losses.boundary import BoundaryF1Loss

@@ -1,8 +1,12 @@
-"""Loss terms shared by the prototype methods (methods.md 5.1-5.3, 9).
+"""Loss terms shared by the few-shot methods (methods.md 5.1-5.3, 9): one vocabulary for all of them.
 
-- :func:`weighted_cross_entropy`: class-weighted CE on logits (SSL-ALPNet, bg weight 0.05);
-- :func:`weighted_nll_from_probs`: class-weighted NLL on probabilities clamped to [eps, 1 - eps] before the
-  log, as the threshold-based methods (ADNet, Q-Net and their descendants) compute it;
+Every term takes integer labels [N, H, W] with ``IGNORE_INDEX`` (255) for pixels that do not count and class
+weights ``weight`` (bg, fg) or None; only the input differs:
+
+- :func:`weighted_cross_entropy`: logits (SSL-ALPNet, LSLPN, the prototype baseline);
+- :func:`weighted_nll`: log-probabilities (ADNet, Q-Net: their logits are clamped log-probabilities);
+- :func:`probability_nll`: probabilities, clamped to [``PROB_EPS``, 1 - ``PROB_EPS``] before the log, as the
+  Q-Net family computes it (GMRD, PAMI, DIFD);
 - :func:`prototype_alignment_loss`: PANet's alignment pattern (Wang et al., ICCV 2019): the query's
   predicted mask builds query prototypes, which segment the support, scored against the support mask;
 - :func:`threshold_loss`: ADNet's penalty T / 20 on its learned anomaly threshold (Hansen et al., MedIA 2022).
@@ -18,57 +22,51 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from fsmis_monai.networks.prototypes import PROBABILITY_EPS, binary_labels, probability_nll
-
+#: label value of pixels that no loss counts
 IGNORE_INDEX = 255
-#: probability clamp of the references: float32 machine epsilon
-PROB_EPS = PROBABILITY_EPS
+#: probability clamp of the references before the log: float32 machine epsilon
+PROB_EPS = float(torch.finfo(torch.float32).eps)
+
+ClassWeights = Optional["Sequence[float] | torch.Tensor"]
 
 
-def _class_weight(weight: Optional[Sequence[float] | torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
+def _class_weight(weight: ClassWeights, like: torch.Tensor) -> Optional[torch.Tensor]:
     if weight is None:
         return None
     return torch.as_tensor(weight, dtype=like.dtype, device=like.device)
 
 
+def binary_labels(mask: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Long labels from a float mask [...]: 1 where the mask is 1, 0 where it is 0, ``ignore_index`` elsewhere."""
+    labels = torch.full(mask.shape, ignore_index, dtype=torch.long, device=mask.device)
+    labels[mask == 1] = 1
+    labels[mask == 0] = 0
+    return labels
+
+
 def weighted_cross_entropy(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    weight: Optional[Sequence[float] | torch.Tensor] = None,
-    ignore_index: int = IGNORE_INDEX,
+    logits: torch.Tensor, target: torch.Tensor, weight: ClassWeights = None, ignore_index: int = IGNORE_INDEX
 ) -> torch.Tensor:
     """Cross-entropy of logits [N, K, H, W] against labels [N, H, W]; ``ignore_index`` pixels are skipped."""
     return F.cross_entropy(logits, target.long(), weight=_class_weight(weight, logits), ignore_index=ignore_index)
 
 
-def clamped_log_probs(probs: torch.Tensor, eps: float = PROB_EPS) -> torch.Tensor:
-    """log(clamp(p, eps, 1 - eps)): the log-probabilities the threshold methods feed to NLL."""
-    return torch.log(torch.clamp(probs, eps, 1.0 - eps))
-
-
-def weighted_nll_from_log_probs(
-    log_probs: torch.Tensor,
-    target: torch.Tensor,
-    weight: Optional[Sequence[float] | torch.Tensor] = None,
-    ignore_index: int = IGNORE_INDEX,
+def weighted_nll(
+    log_probs: torch.Tensor, target: torch.Tensor, weight: ClassWeights = None, ignore_index: int = IGNORE_INDEX
 ) -> torch.Tensor:
     """Weighted NLL of log-probabilities [N, K, H, W] (mean normalised by the weights of the counted pixels)."""
     return F.nll_loss(log_probs, target.long(), weight=_class_weight(weight, log_probs), ignore_index=ignore_index)
 
 
-def weighted_nll_from_probs(
-    probs: torch.Tensor,
+def probability_nll(
+    probabilities: torch.Tensor,
     target: torch.Tensor,
-    weight: Optional[Sequence[float] | torch.Tensor] = None,
+    weight: ClassWeights = None,
     ignore_index: int = IGNORE_INDEX,
     eps: float = PROB_EPS,
 ) -> torch.Tensor:
-    """Weighted NLL of probabilities [N, K, H, W], clamped to [eps, 1 - eps] before the log."""
-    return probability_nll(probs, target, _class_weight(weight, probs), ignore_index, eps)
-
-
-#: labels of support masks [K, H, W]: 1 where the mask is 1, 0 where it is 0, ``ignore_index`` elsewhere
-support_labels = binary_labels
+    """Weighted NLL of class probabilities [N, K, H, W]: :func:`weighted_nll` of log(clamp(p, eps, 1 - eps))."""
+    return weighted_nll(torch.log(probabilities.clamp(eps, 1.0 - eps)), target, weight, ignore_index)
 
 
 def prototype_alignment_loss(
@@ -93,7 +91,7 @@ def prototype_alignment_loss(
     zero = support_masks.new_zeros(())
     if skip_empty and not bool(query_foreground.any()):
         return zero
-    labels = support_labels(support_masks)
+    labels = binary_labels(support_masks)
     n_shots = support_masks.shape[0]
     loss = zero
     for shot in range(n_shots):

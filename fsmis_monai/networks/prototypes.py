@@ -1,4 +1,5 @@
-"""The shared vocabulary of prototype methods: masked average pooling and cosine score maps.
+"""The shared vocabulary of prototype methods: masked average pooling (over the whole mask, or over boxes and
+grid cells), cosine score maps, the threshold probability and Q-Net's fusion of feature paths.
 
 MAP(f, M) = sum(f * M) / (sum(M) + eps). The Q-Net family (ADNet, Q-Net, GMRD, PAMI, DIFD) upsamples
 the features bilinearly to the mask size before pooling; SSL-ALPNet downsamples the mask to the feature
@@ -7,10 +8,12 @@ size instead (methods.md section 5). Both are offered here.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Dict, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
+
+from fsmis_monai.losses.core import PROB_EPS
 
 MAP_EPS = 1e-5
 
@@ -26,6 +29,21 @@ def _interpolation_matrix(n_in: int, n_out: int, align_corners: bool, like: torc
     """[n_out, n_in] matrix of 1D linear interpolation, as ``F.interpolate(mode="bilinear")`` applies per axis."""
     eye = torch.eye(n_in, dtype=like.dtype, device=like.device)[None, None]
     return F.interpolate(eye, size=(n_out, n_in), mode="bilinear", align_corners=align_corners)[0, 0]
+
+
+def interval_indicators(start: torch.Tensor, stop: torch.Tensor, size: int, dtype=torch.float32) -> torch.Tensor:
+    """[n, size] indicator of the intervals [start, stop) (start, stop [n]): one axis of n boxes or grid cells.
+
+    A box's masked sum of x is rows^T x cols (:func:`box_sums`), so n boxes cost two matrix products instead of
+    n slices (LSLPN cells, DIFD boxes)."""
+    idx = torch.arange(size, device=start.device)
+    return ((idx >= start[:, None]) & (idx < stop[:, None])).to(dtype)
+
+
+def box_sums(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Sums [n, C] of x [C, H, W] over n boxes given by row and column indicators [n, H], [n, W]
+    (:func:`interval_indicators`); divided by the box's mask count this is the box's masked average."""
+    return torch.einsum("chb,bh->bc", torch.einsum("chw,bw->chb", x, cols.to(x)), rows.to(x))
 
 
 def upsampled_mask_weights(masks: torch.Tensor, size: tuple[int, int], align_corners: bool = False) -> torch.Tensor:
@@ -72,12 +90,15 @@ def cosine_map(features: torch.Tensor, prototypes: torch.Tensor, scale: float = 
 
     features [N, C, h, w] and prototypes [P, C] (shared) or [N, P, C] (per image) -> [N, P, h, w].
     """
-    f = F.normalize(features, dim=1, eps=eps)
+    return scale * unit_cosine_map(F.normalize(features, dim=1, eps=eps), prototypes, eps)
+
+
+def unit_cosine_map(units: torch.Tensor, prototypes: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """:func:`cosine_map` (scale 1) of features already normalised along channels, ``units`` [N, C, h, w]
+    (a method that scores one feature map against several prototype sets normalises it once)."""
     if prototypes.dim() == 2:
-        p = F.normalize(prototypes, dim=1, eps=eps)
-        return scale * torch.einsum("nchw,pc->nphw", f, p)
-    p = F.normalize(prototypes, dim=2, eps=eps)
-    return scale * torch.einsum("nchw,npc->nphw", f, p)
+        return torch.einsum("nchw,pc->nphw", units, F.normalize(prototypes, dim=1, eps=eps))
+    return torch.einsum("nchw,npc->nphw", units, F.normalize(prototypes, dim=2, eps=eps))
 
 
 def threshold_probability(
@@ -95,36 +116,18 @@ def threshold_probability(
     return 1.0 - torch.sigmoid(0.5 * (anomaly - tau))
 
 
-PROBABILITY_EPS = float(torch.finfo(torch.float32).eps)
-
-
-def foreground_probability_to_logits(probability: torch.Tensor, eps: float = PROBABILITY_EPS) -> torch.Tensor:
+def foreground_probability_to_logits(probability: torch.Tensor, eps: float = PROB_EPS) -> torch.Tensor:
     """[N, h, w] foreground probabilities -> [N, 2, h, w] log-probabilities [log(1-p), log p] (clamped as the
     Q-Net family clamps before its NLL), so that ``softmax`` of the result gives back [1-p, p]."""
     p = probability.unsqueeze(1)
     return torch.log(torch.cat([1.0 - p, p], dim=1).clamp(eps, 1.0 - eps))
 
 
-def binary_labels(mask: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
-    """Long labels from a float mask: 1 where the mask is 1, 0 where it is 0, ``ignore_index`` elsewhere."""
-    labels = torch.full(mask.shape, ignore_index, dtype=torch.long, device=mask.device)
-    labels[mask == 1] = 1
-    labels[mask == 0] = 0
-    return labels
-
-
-def probability_nll(
-    probabilities: torch.Tensor,
-    labels: torch.Tensor,
-    weight: "torch.Tensor | None" = None,
-    ignore_index: int = 255,
-    eps: float = PROBABILITY_EPS,
-) -> torch.Tensor:
-    """NLL of class probabilities [N, K, H, W] (log of the clamped probabilities, as the Q-Net family does)."""
-    if weight is not None:
-        weight = weight.to(device=probabilities.device, dtype=probabilities.dtype)
-    log_p = torch.log(probabilities.clamp(eps, 1.0 - eps))
-    return F.nll_loss(log_p, labels.long(), weight=weight, ignore_index=ignore_index)
+def fuse_paths(per_path: Dict[str, torch.Tensor], weights: Mapping[str, float]) -> torch.Tensor:
+    """Q-Net's multi-scale fusion sum_n w_n x_n / sum_n w_n over the paths of ``per_path`` (all ``weights``
+    count in the denominator, so a path left out contributes its weight but no term; PAMI leaves out its
+    zero-weight path). Q-Net: {"down2": alpha, "down3": 1 - alpha}."""
+    return sum(weights[k] * v for k, v in per_path.items()) / sum(weights.values())
 
 
 def grid_prototypes(features: torch.Tensor, masks: torch.Tensor, window: int, threshold: float) -> torch.Tensor:

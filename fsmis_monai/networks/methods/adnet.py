@@ -13,14 +13,12 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from fsmis_monai.losses import prototype_alignment_loss, threshold_loss, weighted_nll_from_log_probs
+from fsmis_monai.losses import prototype_alignment_loss, threshold_loss, weighted_nll
 from fsmis_monai.networks.methods.base import (
-    FewShotOutput,
     FewShotSegmenter,
     QueryFeatures,
     SupportState,
     check_support,
-    encode_episodes,
     encoder_features,
     resolve_encoder,
 )
@@ -48,7 +46,6 @@ class ADNet(FewShotSegmenter):
     """
 
     name = "adnet"
-    requires_single_query = False
 
     def __init__(
         self,
@@ -93,24 +90,20 @@ class ADNet(FewShotSegmenter):
     def segment_encoded(self, features: QueryFeatures, state: SupportState) -> torch.Tensor:
         return self._logits(self.probability(features[self.feature_key], state["prototype"]), features.image_size)
 
-    def forward(self, support_images, support_masks, query_images, query_labels=None) -> FewShotOutput:
-        support_out, query_out = encode_episodes(self.encoder, support_images, query_images)
-        size = tuple(query_images.shape[-2:])
-        logits, align = [], []
-        for b in range(query_images.shape[0]):
-            s_feats, q_feats = support_out[self.feature_key][b], query_out[self.feature_key][b : b + 1]
-            prob = self.probability(q_feats, self._prototype(s_feats, support_masks[b]))
-            logits.append(self._logits(prob, size))
-            if query_labels is not None:
-                align.append(self._alignment_loss(q_feats, prob, s_feats, support_masks[b]))
-        out: FewShotOutput = {"logits": torch.cat(logits)}
-        if query_labels is not None:
-            out["losses"] = {
-                "query_nll": weighted_nll_from_log_probs(out["logits"], query_labels, self.class_weights),
-                "align": self.align_weight * torch.stack(align).mean(),
-                "threshold": self.threshold_loss_weight * threshold_loss(self.threshold, self.scale),
-            }
-        return out
+    def forward_episode(self, support, support_masks, query, query_labels):
+        s_feats, q_feats = support[self.feature_key], query[self.feature_key]
+        prob = self.probability(q_feats, self._prototype(s_feats, support_masks))
+        logits = self._logits(prob, query.image_size)
+        if query_labels is None:
+            return logits, {}
+        return logits, {"align": self._alignment_loss(q_feats, prob, s_feats, support_masks)}
+
+    def training_losses(self, logits, query_labels, episode_means):
+        return {
+            "query_nll": weighted_nll(logits, query_labels, self.class_weights),
+            "align": self.align_weight * episode_means["align"],
+            "threshold": self.threshold_loss_weight * threshold_loss(self.threshold, self.scale),
+        }
 
     def _alignment_loss(self, q_feats, q_prob, s_feats, s_masks) -> torch.Tensor:
         """Query prototype from the query's argmax at *feature* resolution (as released), same threshold."""
@@ -120,4 +113,4 @@ class ADNet(FewShotSegmenter):
             prototype = masked_average_pooling(q_feats, fg)[0]
             return self._logits(self.probability(s_feats[shot : shot + 1], prototype), tuple(s_masks.shape[-2:]))
 
-        return prototype_alignment_loss(query_fg, s_masks, segment_support, weighted_nll_from_log_probs)
+        return prototype_alignment_loss(query_fg, s_masks, segment_support, weighted_nll)

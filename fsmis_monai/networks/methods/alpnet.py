@@ -16,12 +16,10 @@ from torch import nn
 
 from fsmis_monai.losses import prototype_alignment_loss, weighted_cross_entropy
 from fsmis_monai.networks.methods.base import (
-    FewShotOutput,
     FewShotSegmenter,
     QueryFeatures,
     SupportState,
     check_support,
-    encode_episodes,
     encoder_features,
     resolve_encoder,
 )
@@ -47,7 +45,6 @@ class ALPNet(FewShotSegmenter):
     """
 
     name = "ssl_alpnet"
-    requires_single_query = False
 
     def __init__(
         self,
@@ -114,24 +111,20 @@ class ALPNet(FewShotSegmenter):
     def segment_encoded(self, features: QueryFeatures, state: SupportState) -> torch.Tensor:
         return resize_to(self.scores(features[self.feature_key], state), features.image_size, align_corners=False)
 
-    def forward(self, support_images, support_masks, query_images, query_labels=None) -> FewShotOutput:
-        support_out, query_out = encode_episodes(self.encoder, support_images, query_images)
-        size = tuple(query_images.shape[-2:])
-        logits, align = [], []
-        for b in range(query_images.shape[0]):
-            s_feats, q_feats = support_out[self.feature_key][b], query_out[self.feature_key][b : b + 1]
-            masks = support_masks[b].to(s_feats.dtype)
-            score = self.scores(q_feats, self._support_state(s_feats, masks, self._window()))
-            logits.append(resize_to(score, size, align_corners=False))
-            if query_labels is not None:
-                align.append(self._alignment_loss(q_feats, score, s_feats, masks))
-        out: FewShotOutput = {"logits": torch.cat(logits)}
-        if query_labels is not None:
-            out["losses"] = {
-                "query_ce": weighted_cross_entropy(out["logits"], query_labels, self.class_weights),
-                "align": self.align_weight * torch.stack(align).mean(),
-            }
-        return out
+    def forward_episode(self, support, support_masks, query, query_labels):
+        s_feats, q_feats = support[self.feature_key], query[self.feature_key]
+        masks = support_masks.to(s_feats.dtype)
+        score = self.scores(q_feats, self._support_state(s_feats, masks, self._window()))
+        logits = resize_to(score, query.image_size, align_corners=False)
+        if query_labels is None:
+            return logits, {}
+        return logits, {"align": self._alignment_loss(q_feats, score, s_feats, masks)}
+
+    def training_losses(self, logits, query_labels, episode_means):
+        return {
+            "query_ce": weighted_cross_entropy(logits, query_labels, self.class_weights),
+            "align": self.align_weight * episode_means["align"],
+        }
 
     def _alignment_loss(
         self, q_feats: torch.Tensor, q_score: torch.Tensor, s_feats: torch.Tensor, s_masks: torch.Tensor

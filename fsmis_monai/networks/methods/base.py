@@ -24,6 +24,11 @@ each query slice once and segments it against every (class, support set) that as
 optional: a method that implements only ``segment`` gets the base fallback (``encode_query`` keeps the
 images, ``segment_encoded`` calls ``segment``), which is correct but re-encodes per support state.
 
+Training (``forward``) is a template: one encoder pass over the batch (support and query images together),
+then per episode :meth:`~FewShotSegmenter.forward_episode` (the method's prediction and its per-episode loss
+terms, e.g. PANet's alignment loss), then :meth:`~FewShotSegmenter.training_losses` on the whole batch (the
+query loss, plus the batch mean of each per-episode term, weighted as the paper does).
+
 Evaluation, inference, freezing and export all go through ``encode_support`` and ``segment`` (or its two
 halves), so a new method is one module implementing this class plus one bundle.
 """
@@ -35,6 +40,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple, TypedDict
 
 import torch
 from torch import nn
+
+from fsmis_monai.losses.core import weighted_cross_entropy
 
 SupportState = Dict[str, Any]
 
@@ -83,11 +90,31 @@ def encoder_features(encoder: nn.Module, query_images: torch.Tensor, keys: Seque
 
 
 class FewShotSegmenter(nn.Module):
-    """Base class: subclasses implement :meth:`encode_support`, :meth:`forward` and either the pair
-    :meth:`encode_query` / :meth:`segment_encoded` (``segment`` is then their composition) or :meth:`segment`."""
+    """Base class: subclasses implement :meth:`encode_support`, :meth:`forward_episode`, either the pair
+    :meth:`encode_query` / :meth:`segment_encoded` (``segment`` is then their composition) or :meth:`segment`,
+    and :meth:`training_losses` when the query loss is not the (weighted) cross-entropy of the logits.
+
+    Every method takes ``faithful: bool = False``. ``faithful=True`` reproduces the released reference code
+    where it departs from its paper or contains a bug (each method's docstring lists those quirks and the
+    reference file they come from); ``False`` is the corrected version. The switch also reaches the encoder
+    (:func:`resolve_encoder`: the reference repository's layout). A method without a documented quirk accepts
+    it for a uniform interface.
+
+    Capability flags (class attributes, read by the evaluator, the inferer and the exporter):
+
+    - ``test_time_grad``: the method optimises at test time (Q-Net's prototype refinement), so inference runs
+      under ``no_grad`` instead of ``inference_mode`` and cannot be traced or exported with it.
+    - ``class_weights``: the (bg, fg) weights of the query loss, None for unweighted.
+    """
 
     #: Registry name used in bundle configs (``method: "qnet"``).
     name: str = "base"
+    #: reproduce the released code's quirks (see the class docstring)
+    faithful: bool = False
+    #: whether ``segment`` needs autograd at test time
+    test_time_grad: bool = False
+    #: query loss weights (bg, fg); None = unweighted
+    class_weights: Optional[Tuple[float, ...]] = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -130,7 +157,54 @@ class FewShotSegmenter(nn.Module):
         query_images: torch.Tensor,
         query_labels: Optional[torch.Tensor] = None,
     ) -> FewShotOutput:
+        """Training episodes (shapes in the module docstring): one encoder pass over the whole batch
+        (:func:`encode_episodes`), :meth:`forward_episode` on each episode, then :meth:`training_losses`."""
+        support, query = encode_episodes(self.encoder, support_images, query_images)
+        size = (int(query_images.shape[-2]), int(query_images.shape[-1]))
+        predictions, terms = [], []
+        for b in range(query_images.shape[0]):
+            prediction, episode_terms = self.forward_episode(
+                {key: v[b] for key, v in support.items()},
+                support_masks[b],
+                QueryFeatures({key: v[b : b + 1] for key, v in query.items()}, size),
+                None if query_labels is None else query_labels[b : b + 1],
+            )
+            predictions.append(prediction)
+            terms.append(episode_terms)
+        prediction = torch.cat(predictions)
+        out: FewShotOutput = {"logits": self.prediction_logits(prediction)}
+        if query_labels is not None:
+            means = {name: torch.stack([t[name] for t in terms]).mean() for name in terms[0]}
+            out["losses"] = self.training_losses(prediction, query_labels, means)
+        return out
+
+    def forward_episode(
+        self,
+        support: Dict[str, torch.Tensor],
+        support_masks: torch.Tensor,
+        query: QueryFeatures,
+        query_labels: Optional[torch.Tensor],
+    ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """One training episode from encoder outputs: ``support`` {name: [K, ...]}, ``support_masks`` [K, H, W],
+        ``query`` (one slice: every map [1, ...]), ``query_labels`` [1, H, W] or None (no loss terms asked).
+
+        Returns the prediction [1, ...] (the logits [1, 2, H, W] unless :meth:`prediction_logits` converts it)
+        and the episode's loss terms {name: scalar} (empty without labels), which :meth:`forward` averages
+        over the batch.
+        """
         raise NotImplementedError
+
+    def prediction_logits(self, prediction: torch.Tensor) -> torch.Tensor:
+        """Logits [B, 2, H, W] of the batch's predictions (identity: :meth:`forward_episode` gives logits)."""
+        return prediction
+
+    def training_losses(
+        self, prediction: torch.Tensor, query_labels: torch.Tensor, episode_means: Dict[str, torch.Tensor]
+    ) -> Dict[str, torch.Tensor]:
+        """The named loss terms of a batch, weighted as the paper does: the query loss of the batch's
+        ``prediction`` against ``query_labels`` [B, H, W] and the batch means of the episode terms. Default:
+        the cross-entropy of the logits with :attr:`class_weights`, then the episode means as they are."""
+        return {"query_ce": weighted_cross_entropy(prediction, query_labels, self.class_weights), **episode_means}
 
     @staticmethod
     def total_loss(output: FewShotOutput) -> torch.Tensor:

@@ -40,24 +40,32 @@ all shots and lets each tau follow its image.
 from __future__ import annotations
 
 import random
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fsmis_monai.losses.boundary import BoundaryF1Loss
+from fsmis_monai.losses import BoundaryF1Loss, binary_labels, probability_nll
 from fsmis_monai.networks.methods.base import (
-    FewShotOutput,
     FewShotSegmenter,
     QueryFeatures,
     SupportState,
     check_support,
-    encode_episodes,
     encoder_features,
     resolve_encoder,
 )
-from fsmis_monai.networks.prototypes import MAP_EPS, binary_labels, masked_average_pooling, probability_nll, resize_to
+from fsmis_monai.networks.prototypes import (
+    MAP_EPS,
+    box_sums,
+    interval_indicators,
+    masked_average_pooling,
+    resize_to,
+    unit_cosine_map,
+)
+
+#: F.normalize's default eps, which the cosines of IFR and FD use
+NORMALIZE_EPS = 1e-12
 
 
 # -- dual interspersion ----------------------------------------------------------------------------------
@@ -96,17 +104,6 @@ def random_boxes(height: int, width: int, n: int, generator: torch.Generator, as
     top = (torch.rand(n, generator=generator) * (height - h)).int()
     left = (torch.rand(n, generator=generator) * (width - w)).int()
     return torch.stack([top, left, top + h, left + w], dim=1)
-
-
-def window_rows(start: torch.Tensor, stop: torch.Tensor, size: int, dtype=torch.float32) -> torch.Tensor:
-    """[n, size] indicator of the intervals [start, stop)."""
-    idx = torch.arange(size, device=start.device)
-    return ((idx >= start[:, None]) & (idx < stop[:, None])).to(dtype)
-
-
-def box_sums(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Sums [n, C] of x [C, H, W] over n boxes given by row and column indicators [n, H], [n, W]."""
-    return torch.einsum("chb,bh->bc", torch.einsum("chw,bw->chb", x, cols.to(x)), rows.to(x))
 
 
 def random_pixel_features(features: torch.Tensor, mask: torch.Tensor, rng: random.Random, limit: int = 100) -> torch.Tensor:
@@ -162,8 +159,8 @@ class DualInterspersion(nn.Module):
         height, width = mask.shape
         # drawn on the CPU generator (same boxes on every device), then moved to the mask's device
         boxes = random_boxes(height, width, self.n_boxes, generator).to(mask.device)
-        rows = window_rows(boxes[:, 0], boxes[:, 2], height, mask.dtype)  # [n, H]
-        cols = window_rows(boxes[:, 1], boxes[:, 3], width, mask.dtype)  # [n, W]
+        rows = interval_indicators(boxes[:, 0], boxes[:, 2], height, mask.dtype)  # [n, H]
+        cols = interval_indicators(boxes[:, 1], boxes[:, 3], width, mask.dtype)  # [n, W]
         area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).to(mask.dtype)
         n1 = torch.einsum("bh,hw,bw->b", rows, mask, cols)
         n0 = area - n1
@@ -235,6 +232,7 @@ class DIFD(FewShotSegmenter):
         decoder_inputs: "intended" (2C + 3 channels) or "released" (2C + 1); None follows ``faithful``.
         interspersion_seed: seed of the local generators of the interspersion (9), None = fresh each call.
         faithful: see the module docstring.
+        class_weights: weights (bg, fg) of the query and alignment NLL, (0.1, 1).
         Remaining arguments: the interspersion constants (released values as defaults).
     """
 
@@ -249,7 +247,7 @@ class DIFD(FewShotSegmenter):
         interspersion_seed: Optional[int] = 9,
         faithful: bool = False,
         scale: float = 20.0,
-        bg_weight: float = 0.1,
+        class_weights: Sequence[float] = (0.1, 1.0),
         theta0: int = 3,
         theta: int = 5,
         kernel: Tuple[int, int] = (16, 8),
@@ -276,7 +274,7 @@ class DIFD(FewShotSegmenter):
         self.fuse = nn.Conv2d(2, 1, kernel_size=1, bias=False)
         self.fg_decoder = DeploymentDecoder(2 * c + n_maps, c)
         self.bg_decoder = DeploymentDecoder(2 * c + n_maps, c)
-        self.register_buffer("class_weights", torch.tensor([bg_weight, 1.0]), persistent=False)
+        self.class_weights = tuple(class_weights)
         self.boundary_loss = BoundaryF1Loss(theta0=theta0, theta=theta)
 
     def _seed(self) -> int:
@@ -309,21 +307,21 @@ class DIFD(FewShotSegmenter):
         fusion factor; tau_pseudo [N] and tau_deploy (scalar) set the two temperatures.
         """
         glob, basis = bases[-1], bases[:-1]
-        unit = F.normalize(target, dim=1)
+        unit = F.normalize(target, dim=1, eps=NORMALIZE_EPS)  # once for the three cosine maps
         # IFR: pseudo-masks, query-updated prototypes, residual fusion
-        cos = torch.einsum("nchw,kc->nkhw", unit, F.normalize(basis, dim=1))
+        cos = unit_cosine_map(unit, basis, eps=NORMALIZE_EPS)
         pseudo = torch.sigmoid(cos * (1 + self.scale * torch.sigmoid(tau_pseudo)).reshape(-1, 1, 1, 1))
         updated = torch.einsum("nchw,nkhw->nkc", target, pseudo) / (pseudo.sum((2, 3))[..., None] + MAP_EPS)
         g = fusion_factor(target, source, source_mask).reshape(-1, 1, 1)
         pair = torch.stack([basis.expand_as(updated) * (1 - g), updated * g], dim=1)  # [N, 2, n, C]
         refined = basis + self.fuse(pair)[:, 0]  # [N, n, C]
         # FD: per-pixel soft choice of a basis
-        cos = torch.einsum("nchw,nkc->nkhw", unit, F.normalize(refined, dim=2))
+        cos = unit_cosine_map(unit, refined, eps=NORMALIZE_EPS)
         weights = torch.softmax(cos * (1 + self.scale * torch.sigmoid(tau_deploy)), dim=1)
         deployed = torch.einsum("nkhw,nkc->nchw", weights, refined)
         maps = [(weights * cos).sum(1, keepdim=True)]
         if self.decoder_inputs == "intended":
-            one_sim = torch.einsum("nchw,c->nhw", unit, F.normalize(glob, dim=0))[:, None]
+            one_sim = unit_cosine_map(unit, glob[None], eps=NORMALIZE_EPS)
             maps += [cos.sum(1, keepdim=True), one_sim]
         return torch.cat([target, deployed] + maps, dim=1)
 
@@ -380,30 +378,18 @@ class DIFD(FewShotSegmenter):
             "align_boundary": self.boundary_loss(probs, labels),
         }
 
-    def forward(
-        self,
-        support_images: torch.Tensor,
-        support_masks: torch.Tensor,
-        query_images: torch.Tensor,
-        query_labels: Optional[torch.Tensor] = None,
-    ) -> FewShotOutput:
-        supp, qry_all = encode_episodes(self.encoder, support_images, query_images)
-        logits, terms = [], []
-        for i in range(len(query_images)):
-            state = self.support_state(supp[self.feature_key][i], supp["tau"][i], support_masks[i])
-            qry, qry_tau = qry_all[self.feature_key][i : i + 1], qry_all["tau"][i : i + 1]
-            episode_logits = self.query_logits(qry, qry_tau, state)
-            logits.append(episode_logits)
-            if query_labels is not None:
-                terms.append(self.alignment_losses(state, qry, qry_tau, episode_logits))
-        out: FewShotOutput = {"logits": torch.cat(logits)}
-        if query_labels is not None:
-            probs = torch.softmax(out["logits"], dim=1)
-            losses = {
-                "query_nll": probability_nll(probs, query_labels, self.class_weights),
-                "query_boundary": self.boundary_loss(probs, query_labels),
-            }
-            for name in ("align_nll", "align_boundary"):
-                losses[name] = torch.stack([t[name] for t in terms]).mean()
-            out["losses"] = losses
-        return out
+    def forward_episode(self, support, support_masks, query, query_labels):
+        state = self.support_state(support[self.feature_key], support["tau"], support_masks)
+        qry, qry_tau = query[self.feature_key], query["tau"]
+        logits = self.query_logits(qry, qry_tau, state)
+        if query_labels is None:
+            return logits, {}
+        return logits, self.alignment_losses(state, qry, qry_tau, logits)
+
+    def training_losses(self, logits, query_labels, episode_means):
+        probs = torch.softmax(logits, dim=1)
+        return {
+            "query_nll": probability_nll(probs, query_labels, self.class_weights),
+            "query_boundary": self.boundary_loss(probs, query_labels),
+            **episode_means,
+        }

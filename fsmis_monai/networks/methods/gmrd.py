@@ -35,22 +35,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fsmis_monai.losses import binary_labels, probability_nll
 from fsmis_monai.networks.methods.base import (
     FewShotOutput,
     FewShotSegmenter,
     QueryFeatures,
     SupportState,
     check_support,
-    encode_episodes,
     encoder_features,
     resolve_encoder,
 )
 from fsmis_monai.networks.prototypes import (
-    binary_labels,
     cosine_map,
     foreground_probability_to_logits,
     masked_average_pooling,
-    probability_nll,
     resize_to,
     threshold_probability,
 )
@@ -172,7 +170,7 @@ class GMRD(FewShotSegmenter):
         faithful: released HEAD (no auxiliary losses, no MLP ReLU, released outer-edge mask).
         auxiliary_weight: weight of intra + inter (0.5; ignored when faithful).
         outer_edge: "band" or "released"; None follows ``faithful``.
-        bg_weight: background weight of the query NLL (0.1).
+        class_weights: weights (bg, fg) of the query NLL, (0.1, 1).
         eval_seed: seed of the fill sampling in eval mode, so inference is reproducible (training draws
             from the global torch RNG, which the trainer seeds).
     """
@@ -190,7 +188,7 @@ class GMRD(FewShotSegmenter):
         faithful: bool = False,
         auxiliary_weight: float = 0.5,
         outer_edge: Optional[str] = None,
-        bg_weight: float = 0.1,
+        class_weights: Sequence[float] = (0.1, 1.0),
         scale: float = 20.0,
         eval_seed: int = 2025,
     ) -> None:
@@ -207,7 +205,7 @@ class GMRD(FewShotSegmenter):
         outer_edge_mask(torch.zeros(1, 3, 3), self.outer_edge)  # validate the mode early
         self.scale = scale
         self.eval_seed = eval_seed
-        self.register_buffer("class_weights", torch.tensor([bg_weight, 1.0]), persistent=False)
+        self.class_weights = tuple(class_weights)
         n_pixels = size[0] * size[1]
         self.fg_mlp = DescriptorMLP(n_pixels, n_fg, relu=not faithful)
         self.bg_mlp = DescriptorMLP(n_pixels, n_bg, relu=not faithful)
@@ -243,7 +241,7 @@ class GMRD(FewShotSegmenter):
             out[cls] = torch.cat([generated, glob, edge_proto])
         return out
 
-    def support_state(self, features: torch.Tensor, tau: torch.Tensor, masks: torch.Tensor) -> SupportState:
+    def support_state(self, features: torch.Tensor, masks: torch.Tensor) -> SupportState:
         """State from support encoder features [K, C, h, w] and masks [K, H, W]."""
         size = tuple(masks.shape[-2:])
         if masks.sum() == 0:  # released fallback: one (zero-mask) prototype, query-informed threshold
@@ -262,7 +260,7 @@ class GMRD(FewShotSegmenter):
         check_support(support_images, support_masks)
         self._check_size(tuple(support_masks.shape[-2:]))
         enc = self.encoder(support_images)
-        return self.support_state(enc[self.feature_key], enc["tau"], support_masks)
+        return self.support_state(enc[self.feature_key], support_masks)
 
     # -- prediction ------------------------------------------------------------------------------------
     def mamp_logits(self, features: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor, size) -> torch.Tensor:
@@ -308,33 +306,23 @@ class GMRD(FewShotSegmenter):
             out["aux"] = self.auxiliary_weight * aux
         return out
 
-    def forward(
-        self,
-        support_images: torch.Tensor,
-        support_masks: torch.Tensor,
-        query_images: torch.Tensor,
-        query_labels: Optional[torch.Tensor] = None,
-    ) -> FewShotOutput:
-        self._check_size(tuple(support_masks.shape[-2:]))
-        supp, qry = encode_episodes(self.encoder, support_images, query_images)
-        supp_feats, qry_feats = supp[self.feature_key], qry[self.feature_key]
-        logits, terms = [], []
-        for i in range(len(qry_feats)):
-            state = self.support_state(supp_feats[i], supp["tau"][i], support_masks[i])
-            episode_logits = self.query_logits(qry_feats[i : i + 1], qry["tau"][i : i + 1], state)
-            logits.append(episode_logits)
-            if query_labels is not None:
-                terms.append(
-                    self.alignment_losses(
-                        supp_feats[i], support_masks[i], qry_feats[i : i + 1], qry["tau"][i], episode_logits, state
-                    )
-                )
-        out: FewShotOutput = {"logits": torch.cat(logits)}
-        if query_labels is not None:
-            probs = torch.softmax(out["logits"], dim=1)
-            losses = {"query_nll": probability_nll(probs, query_labels, self.class_weights)}
-            losses["align"] = torch.stack([t["align"] for t in terms]).mean()
-            if self.auxiliary_weight:
-                losses["aux"] = torch.stack([t["aux"] for t in terms]).mean()
-            out["losses"] = losses
-        return out
+    def forward(self, support_images, support_masks, query_images, query_labels=None) -> FewShotOutput:
+        self._check_size(tuple(support_masks.shape[-2:]))  # before the encoder pass
+        return super().forward(support_images, support_masks, query_images, query_labels)
+
+    def forward_episode(self, support, support_masks, query, query_labels):
+        s_feats, q_feats, q_tau = support[self.feature_key], query[self.feature_key], query["tau"]
+        state = self.support_state(s_feats, support_masks)
+        logits = self.query_logits(q_feats, q_tau, state)
+        if query_labels is None:
+            return logits, {}
+        return logits, self.alignment_losses(s_feats, support_masks, q_feats, q_tau[0], logits, state)
+
+    def training_losses(self, logits, query_labels, episode_means):
+        losses = {
+            "query_nll": probability_nll(torch.softmax(logits, dim=1), query_labels, self.class_weights),
+            "align": episode_means["align"],
+        }
+        if self.auxiliary_weight:
+            losses["aux"] = episode_means["aux"]
+        return losses

@@ -28,16 +28,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from fsmis_monai.networks.methods.base import (
-    FewShotOutput,
     FewShotSegmenter,
     QueryFeatures,
     SupportState,
     check_support,
-    encode_episodes,
     encoder_features,
     resolve_encoder,
 )
-from fsmis_monai.networks.prototypes import MAP_EPS, _interpolation_matrix, masked_average_pooling, resize_to
+from fsmis_monai.networks.prototypes import (
+    MAP_EPS,
+    _interpolation_matrix,
+    interval_indicators,
+    masked_average_pooling,
+    resize_to,
+)
 
 
 def window_starts(size: int, n_grid: int = 8, overlap: bool = True) -> Tuple[List[int], int]:
@@ -54,13 +58,6 @@ def window_starts(size: int, n_grid: int = 8, overlap: bool = True) -> Tuple[Lis
     if starts[-1] + k < size:
         starts.append(size - k)
     return starts, k
-
-
-def window_matrix(starts: List[int], k: int, size: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """[G, size] indicator of each window (row g is 1 on [starts[g], starts[g] + k))."""
-    idx = torch.arange(size, device=device)
-    s = torch.as_tensor(starts, device=device)[:, None]
-    return ((idx >= s) & (idx < s + k)).to(dtype)
 
 
 def _disjoint_layers(starts: List[int], k: int) -> List[List[int]]:
@@ -145,8 +142,9 @@ class LSLPN(FewShotSegmenter):
         size = tuple(masks.shape[-2:])
         ys, ky, xs, kx = self.grid(size)
         m = masks.to(features.dtype)
-        wy = window_matrix(ys, ky, size[0], masks.device, m.dtype)  # [Gy, H]
-        wx = window_matrix(xs, kx, size[1], masks.device, m.dtype)  # [Gx, W]
+        ys_t, xs_t = torch.as_tensor(ys, device=m.device), torch.as_tensor(xs, device=m.device)
+        wy = interval_indicators(ys_t, ys_t + ky, size[0], m.dtype)  # [Gy, H]: each cell's rows
+        wx = interval_indicators(xs_t, xs_t + kx, size[1], m.dtype)  # [Gx, W]: each cell's columns
         counts = torch.einsum("gH,kHW,jW->kgj", wy, m, wx)
         a_h = _interpolation_matrix(features.shape[-2], size[0], False, m)  # [H, h]
         a_w = _interpolation_matrix(features.shape[-1], size[1], False, m)  # [W, w]
@@ -233,22 +231,6 @@ class LSLPN(FewShotSegmenter):
             dim=1,
         )
 
-    def forward(
-        self,
-        support_images: torch.Tensor,
-        support_masks: torch.Tensor,
-        query_images: torch.Tensor,
-        query_labels: Optional[torch.Tensor] = None,
-    ) -> FewShotOutput:
-        supp, qry = encode_episodes(self.encoder, support_images, query_images)
-        supp_feats, qry_feats = supp[self.feature_key], qry[self.feature_key]
-        logits = torch.cat(
-            [
-                self.query_logits(qry_feats[i : i + 1], self.support_state(supp_feats[i], support_masks[i]))
-                for i in range(len(qry_feats))
-            ]
-        )
-        out: FewShotOutput = {"logits": logits}
-        if query_labels is not None:
-            out["losses"] = {"query_ce": F.cross_entropy(logits, query_labels.long(), ignore_index=255)}
-        return out
+    def forward_episode(self, support, support_masks, query, query_labels):
+        """Plain cross-entropy on the logits (the base's :meth:`training_losses`), no alignment term."""
+        return self.query_logits(query[self.feature_key], self.support_state(support[self.feature_key], support_masks)), {}

@@ -35,28 +35,26 @@ The argmax in the spatial branch is not differentiable, as released.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fsmis_monai.losses import binary_labels, probability_nll
 from fsmis_monai.networks.methods.base import (
-    FewShotOutput,
     FewShotSegmenter,
     QueryFeatures,
     SupportState,
     check_support,
-    encode_episodes,
     encoder_features,
     resolve_encoder,
 )
 from fsmis_monai.networks.prototypes import (
-    binary_labels,
     foreground_probability_to_logits,
+    fuse_paths,
     masked_average_pooling,
-    probability_nll,
     resize_to,
     threshold_probability,
 )
@@ -207,6 +205,7 @@ class PAMI(FewShotSegmenter):
         path_weights: {feature key: weight} of the Q-Net paths (released {"down2": 1, "down3": 0}).
         n_regions: RPL regions (64).
         n_iterations: PRD repetitions (3).
+        class_weights: weights (bg, fg) of the query NLL, (0.1, 1).
         fps_seed: seed of the first FPS centre (1289 as released). Training draws from one sampler created
             at construction, as released; eval mode restarts it at every call so inference is reproducible.
         faithful, dilating_downsample, force_raster_pixels, compute_unused_paths: see the module docstring.
@@ -223,7 +222,7 @@ class PAMI(FewShotSegmenter):
         n_iterations: int = 3,
         n_heads: int = 3,
         scale: float = 20.0,
-        bg_weight: float = 0.1,
+        class_weights: Sequence[float] = (0.1, 1.0),
         fps_seed: int = 1289,
         faithful: bool = False,
         dilating_downsample: Optional[bool] = None,
@@ -241,18 +240,13 @@ class PAMI(FewShotSegmenter):
         self.dilating_downsample = faithful if dilating_downsample is None else dilating_downsample
         self.force_raster_pixels = faithful if force_raster_pixels is None else force_raster_pixels
         self.compute_unused_paths = faithful if compute_unused_paths is None else compute_unused_paths
-        self.register_buffer("class_weights", torch.tensor([bg_weight, 1.0]), persistent=False)
+        self.class_weights = tuple(class_weights)
         self.debias = PrototypeDebiasing(self.encoder.out_channels, n_regions, n_heads)
         self.sampler = np.random.RandomState(fps_seed)
 
     @property
     def paths(self) -> List[str]:
         return [k for k, w in self.path_weights.items() if w != 0 or self.compute_unused_paths]
-
-    def _fuse(self, per_path: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """Q-Net path fusion: sum_n alpha_n x_n / sum_n alpha_n."""
-        total = sum(self.path_weights.values())
-        return sum(self.path_weights[k] * v for k, v in per_path.items()) / total
 
     # -- RPL -------------------------------------------------------------------------------------------
     def foreground_pixels(self, mask: torch.Tensor, size) -> torch.Tensor:
@@ -316,7 +310,7 @@ class PAMI(FewShotSegmenter):
         for key in self.paths:
             support = torch.stack([self.refine(f[None], t[None], state, key) for f, t in zip(feats[key], tau)])
             probs[key] = resize_to(threshold_probability(feats[key], support, tau, self.scale)[:, None], size)[:, 0]
-        return self._fuse(probs)
+        return fuse_paths(probs, self.path_weights)
 
     def encode_query(self, query_images: torch.Tensor) -> QueryFeatures:
         return encoder_features(self.encoder, query_images, (*self.paths, "tau"))
@@ -336,48 +330,35 @@ class PAMI(FewShotSegmenter):
         for k in self.paths:
             coarse = self.coarse_query_prototype(qry[k], state["global"][k], qry_tau)
             self_probs[k] = resize_to(threshold_probability(qry[k], coarse, qry_tau, self.scale)[:, None], size)[:, 0]
-        p = self._fuse(self_probs)
-        losses = {"query_self": probability_nll(torch.stack([1 - p, p], dim=1), labels)}
+        p = fuse_paths(self_probs, self.path_weights)
+        query_self = probability_nll(torch.stack([1 - p, p], dim=1), labels)
         pred = (probability[0] > 0.5).to(masks.dtype)  # argmax of [1 - p, p]
         if pred.sum() == 0:
-            return {**losses, "align": zero, "proto_mse": zero}
+            return {"align": zero, "proto_mse": zero, "query_self": query_self}
         supp_probs, q_protos = {}, {}
         for k in self.paths:
             q_protos[k] = masked_average_pooling(qry[k], pred[None])[0]
             s = threshold_probability(supp[k], q_protos[k], supp_tau, self.scale)
             supp_probs[k] = resize_to(s[:, None], size)[:, 0]
-        p = self._fuse(supp_probs)
-        losses["align"] = probability_nll(torch.stack([1 - p, p], dim=1), binary_labels(masks))
-        losses["proto_mse"] = F.mse_loss(self._fuse(q_protos), self._fuse(state["global"]))
-        return losses
+        p = fuse_paths(supp_probs, self.path_weights)
+        return {
+            "align": probability_nll(torch.stack([1 - p, p], dim=1), binary_labels(masks)),
+            "proto_mse": F.mse_loss(fuse_paths(q_protos, self.path_weights), fuse_paths(state["global"], self.path_weights)),
+            "query_self": query_self,
+        }
 
-    def forward(
-        self,
-        support_images: torch.Tensor,
-        support_masks: torch.Tensor,
-        query_images: torch.Tensor,
-        query_labels: Optional[torch.Tensor] = None,
-    ) -> FewShotOutput:
-        supp_all, qry_all = encode_episodes(self.encoder, support_images, query_images)
-        probs, terms = [], []
-        for i in range(len(query_images)):
-            supp = {key: supp_all[key][i] for key in self.paths}
-            qry = {key: qry_all[key][i : i + 1] for key in self.paths}
-            qry_tau = qry_all["tau"][i : i + 1]
-            state = self.support_state(supp, support_masks[i])
-            p = self.predict(qry, qry_tau, state)
-            probs.append(p)
-            if query_labels is not None:
-                terms.append(
-                    self.episode_losses(
-                        supp, supp_all["tau"][i], support_masks[i], qry, qry_tau, state, p, query_labels[i : i + 1]
-                    )
-                )
-        probability = torch.cat(probs)
-        out: FewShotOutput = {"logits": foreground_probability_to_logits(probability)}
-        if query_labels is not None:
-            losses = {"query_nll": probability_nll(torch.stack([1 - probability, probability], 1), query_labels, self.class_weights)}
-            for name in ("align", "proto_mse", "query_self"):
-                losses[name] = torch.stack([t[name] for t in terms]).mean()
-            out["losses"] = losses
-        return out
+    def forward_episode(self, support, support_masks, query, query_labels):
+        """Prediction: the fused foreground probability [1, H, W] (:meth:`prediction_logits` makes the logits)."""
+        state = self.support_state(support, support_masks)
+        p = self.predict(query.maps, query["tau"], state)
+        if query_labels is None:
+            return p, {}
+        return p, self.episode_losses(support, support["tau"], support_masks, query.maps, query["tau"], state, p, query_labels)
+
+    def prediction_logits(self, probability: torch.Tensor) -> torch.Tensor:
+        return foreground_probability_to_logits(probability)
+
+    def training_losses(self, probability, query_labels, episode_means):
+        """Weighted NLL of the query probabilities [B, H, W] themselves, then the episode terms."""
+        nll = probability_nll(torch.stack([1 - probability, probability], 1), query_labels, self.class_weights)
+        return {"query_nll": nll, **episode_means}

@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fsmis_monai.networks.methods.base import (
@@ -52,10 +51,12 @@ class PrototypeSegmenter(FewShotSegmenter):
         return resize_to(logits, features.image_size)
 
     def forward(self, support_images, support_masks, query_images, query_labels=None) -> FewShotOutput:
+        """Each episode encoded on its own (support, then query: no joint BatchNorm batch, unlike the template
+        of the published methods); plain cross-entropy (the base's :meth:`training_losses`)."""
         logits = torch.cat(
             [self.segment(q[None], self.encode_support(s, m)) for s, m, q in zip(support_images, support_masks, query_images)]
         )
         out: FewShotOutput = {"logits": logits}
         if query_labels is not None:
-            out["losses"] = {"query_ce": F.cross_entropy(logits, query_labels.long(), ignore_index=255)}
+            out["losses"] = self.training_losses(logits, query_labels, {})
         return out

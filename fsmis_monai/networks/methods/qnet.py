@@ -15,18 +15,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fsmis_monai.losses import prototype_alignment_loss, weighted_nll_from_log_probs
+from fsmis_monai.losses import prototype_alignment_loss, weighted_nll
 from fsmis_monai.networks.methods.base import (
-    FewShotOutput,
     FewShotSegmenter,
     QueryFeatures,
     SupportState,
     check_support,
-    encode_episodes,
     resolve_encoder,
 )
 from fsmis_monai.networks.prototypes import (
     foreground_probability_to_logits,
+    fuse_paths,
     masked_average_pooling,
     resize_to,
     threshold_probability,
@@ -48,8 +47,7 @@ class QNet(FewShotSegmenter):
 
     ``logits`` are the clamped log-probabilities [log(1 - p), log p] of the fused foreground probability.
     Refinement runs batched: every query slice gets its own copy of the prototypes and its own loss term;
-    Adam updates each element independently, so a batch gives the same result as one slice at a time
-    (``requires_single_query = False``).
+    Adam updates each element independently, so a batch gives the same result as one slice at a time.
 
     Args:
         encoder / pretrained_weights: as in every method (the reference loads the COCO DeepLabV3 weights).
@@ -64,11 +62,10 @@ class QNet(FewShotSegmenter):
     """
 
     name = "qnet"
-    requires_single_query = False
 
     @property
     def test_time_grad(self) -> bool:
-        """The evaluator runs ``segment`` under ``no_grad`` (not ``inference_mode``) when this is True."""
+        """Whether ``segment`` refines at test time (then inference runs under ``no_grad``, see the base)."""
         return self.refine_steps > 0
 
     def __init__(
@@ -108,7 +105,7 @@ class QNet(FewShotSegmenter):
     def fuse(self, probabilities: Dict[str, torch.Tensor], size) -> torch.Tensor:
         """alpha * up(p_down2) + (1 - alpha) * up(p_down3) (bilinear, align_corners=True) -> [N, 1, H, W]."""
         up = {n: resize_to(probabilities[n], size, align_corners=True) for n in PATHS}
-        return (self.alpha * up["down2"] + (1.0 - self.alpha) * up["down3"]) / (self.alpha + (1.0 - self.alpha))
+        return fuse_paths(up, {"down2": self.alpha, "down3": 1.0 - self.alpha})
 
     def _probability(self, features: torch.Tensor, prototype: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
         return threshold_probability(features, prototype, tau, self.scale).unsqueeze(1)
@@ -162,25 +159,19 @@ class QNet(FewShotSegmenter):
         """Logits of encoded queries; the test-time refinement starts from the encoded features, per query."""
         return foreground_probability_to_logits(self._segment_features(features.maps, state, features.image_size)[:, 0])
 
-    def forward(self, support_images, support_masks, query_images, query_labels=None) -> FewShotOutput:
-        support_out, query_out = encode_episodes(self.encoder, support_images, query_images)
-        self._check_outputs(query_out)
-        size = tuple(query_images.shape[-2:])
-        logits, align = [], []
-        for b in range(query_images.shape[0]):
-            s_feats = {n: support_out[n][b] for n in PATHS}
-            q_feats = {n: query_out[n][b : b + 1] for n in (*PATHS, "tau")}
-            prob = self._segment_features(q_feats, self._prototypes(s_feats, support_masks[b]), size)
-            logits.append(foreground_probability_to_logits(prob[:, 0]))
-            if query_labels is not None:
-                align.append(self._alignment_loss(q_feats, prob, s_feats, support_masks[b]))
-        out: FewShotOutput = {"logits": torch.cat(logits)}
-        if query_labels is not None:
-            out["losses"] = {
-                "query_nll": weighted_nll_from_log_probs(out["logits"], query_labels, self.class_weights),
-                "align": self.align_weight * torch.stack(align).mean(),
-            }
-        return out
+    def forward_episode(self, support, support_masks, query, query_labels):
+        self._check_outputs(query.maps)
+        prob = self._segment_features(query.maps, self._prototypes(support, support_masks), query.image_size)
+        logits = foreground_probability_to_logits(prob[:, 0])
+        if query_labels is None:
+            return logits, {}
+        return logits, {"align": self._alignment_loss(query.maps, prob, support, support_masks)}
+
+    def training_losses(self, logits, query_labels, episode_means):
+        return {
+            "query_nll": weighted_nll(logits, query_labels, self.class_weights),
+            "align": self.align_weight * episode_means["align"],
+        }
 
     def _alignment_loss(self, q_feats, q_prob, s_feats, s_masks) -> torch.Tensor:
         """Query argmax at image size -> query prototypes per path -> fused support prediction, thresholded
@@ -194,4 +185,4 @@ class QNet(FewShotSegmenter):
             }
             return foreground_probability_to_logits(self.fuse(probs, tuple(s_masks.shape[-2:]))[:, 0])
 
-        return prototype_alignment_loss(query_fg, s_masks, segment_support, weighted_nll_from_log_probs)
+        return prototype_alignment_loss(query_fg, s_masks, segment_support, weighted_nll)
