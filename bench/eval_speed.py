@@ -1,26 +1,24 @@
-"""Few-shot evaluation speed against the encoder's own forward (issue 4).
+"""Few-shot evaluation cost of a whole CHAOS fold with all five protocols (issues 4 and 14).
 
-On a real CHAOS query scan (fold 0, Q-Net family: support scan 3, query scan 1) and one class, with the
-prototype baseline (masked average pooling + cosine, no per-slice refinement) on a ResNet-101 Q-Net-layout
-encoder (random init; timings do not depend on the weights), 256^2 slices:
+One run, on the real CHAOS-T2 scans of one fold (``--fold``, Q-Net family; fold 0: support scan 3, query
+scans 1, 2, 5, 8), 4 classes each, all of ``alp, ep1, ep2, senet, whole``, 256^2 slices, with a method (default: the prototype
+baseline, MAP + cosine) on an encoder (default: the small CPU encoder, so the run takes minutes):
 
-  * ``floor``: one forward of the encoder on a single query slice (per slice, back to back);
-  * ``naive``: the reference test loop without refinement: support re-encoded for every query slice, batch 1;
-  * ``fast, cold``: the evaluator's shared pass (support group encoded once, ``sw_batch_size`` slices per
-    call through MONAI's SliceInferer), first query scan of a fold;
-  * ``fast, cached``: the same for the fold's other query scans (support groups already encoded);
-  * ``evaluate() overhead``: the rest of the public API (loading, normalisation, planning, Dice, NIfTI and
-    report writing) on that query and class, timed with a model that costs nothing, per predicted slice.
+  * ``floor``: one encoder forward of a single query slice, back to back (median over slices, measured before
+    and after the passes; the unit the other rows are expressed in);
+  * ``old``: the prediction pass before issue 14, per (query scan, class, support group):
+    ``FewShotSliceInferer`` runs ``segment`` on the group's slices, so a query slice is encoded again for
+    every class and support group that asks for it (support groups encoded once per fold, as before);
+  * ``new``: :func:`fsmis_monai.evaluation.evaluator.predict_query`, one pass per query scan: each query slice
+    encoded once (``encode_query``) and segmented against every (class, support group) that needs it
+    (``segment_encoded``);
+  * ``evaluate()``: the public API on the same fold (loading, planning, Dice; no files written).
 
-The ratio to the floor (goal <= 1.15 for methods without per-slice refinement) compares timings of the
-same run; process CPU time ratios, less sensitive to other processes on the machine, sit beside them.
-The fold estimate multiplies the per-slice time (fast path with the fold's support groups encoded once
-each, plus the ``evaluate()`` overhead) by the number of predicted slices of a full CHAOS fold (4 query scans x 4 classes) for the EP1 protocol (the Q-Net reference's loop:
-4.35 s per slice, ~20 min per fold on this machine) and for all five protocols sharing one pass.
+Encoder forwards are counted by a forward hook (images through the encoder). Targets: the new pass costs
+at most 1.1 x (distinct query slices + support groups) forwards, and its wall time is at most 1.2 x that many
+floor forwards of the same run. The old and new predictions are compared pixel by pixel.
 
-The machine is shared, so ``--slices`` keeps the run short (the first N EP1 slices of the class).
-
-    python bench/eval_speed.py --threads 2 --slices 8
+    python bench/eval_speed.py --threads 2
 """
 
 from __future__ import annotations
@@ -28,7 +26,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,25 +35,28 @@ import torch
 from fsmis_monai.data.datalist import pair_scans
 from fsmis_monai.data.registry import get_dataset, get_fold
 from fsmis_monai.evaluation import evaluate
-from fsmis_monai.evaluation.evaluator import load_scan, predict_pass, to_channels
-from fsmis_monai.evaluation.inferer import FewShotSliceInferer
+from fsmis_monai.evaluation.evaluator import _support_tensors, load_scan, predict_query, to_channels
+from fsmis_monai.evaluation.inferer import FewShotSliceInferer, inference_context
 from fsmis_monai.evaluation.protocols import PROTOCOLS, make_plan, merge_requests
 from fsmis_monai.networks.encoders import build_encoder
-from fsmis_monai.networks.methods.base import FewShotSegmenter
-from fsmis_monai.networks.methods.prototype import PrototypeSegmenter
+from fsmis_monai.networks.methods import build_method
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("FSMIS_DATA", REPO.parent / "shared" / "data")) / "chaos_mr_t2"
 
 
-class FreeModel(FewShotSegmenter):
-    """Costs nothing: isolates the evaluator's own overhead."""
+class Counter:
+    """Forward hook: encoder calls and images."""
 
-    def encode_support(self, support_images, support_masks):
-        return {}
+    def __init__(self) -> None:
+        self.calls = self.images = 0
 
-    def segment(self, query_images, state):
-        return query_images[:, :2]
+    def __call__(self, module, args, output) -> None:
+        self.calls += 1
+        self.images += int(args[0].shape[0])
+
+    def reset(self) -> None:
+        self.calls = self.images = 0
 
 
 def timed(fn):
@@ -65,36 +65,27 @@ def timed(fn):
     return out, time.perf_counter() - w, time.process_time() - c
 
 
-def fold_slice_counts(fold: int = 0) -> dict[str, int]:
-    """Predicted slices of a full CHAOS fold: EP1 alone, and all protocols sharing one pass."""
-    desc = get_dataset("chaos")
-    files = {f.scan_id: f for f in pair_scans(DATA, require_pseudolabels=False)}
-    spec = get_fold(desc, fold, "qnet")
-    support = load_scan(files[spec.support_id], desc)
-    counts = {"ep1": 0, "all": 0, "groups": 0, "groups_ep1": 0}
-    groups, groups_ep1 = set(), set()
-    for q in spec.query_ids:
-        query = load_scan(files[q], desc)
-        for c in desc.test_classes:
-            plans = [make_plan(p, query.label == c, support.label == c) for p in PROTOCOLS]
-            counts["ep1"] += int(plans[1].predicted.sum())
-            merged = merge_requests(plans)
-            counts["all"] += sum(len(z) for z in merged.values())
-            groups |= {(c, g) for g in merged}
-            groups_ep1 |= {(c, g) for g in plans[1].support_groups}
-    counts["groups"], counts["groups_ep1"] = len(groups), len(groups_ep1)
-    return counts
+def old_pass(model, inferer, queries, support_image, support_label, requests, states):
+    """The evaluator's pass before issue 14: per (class, support group), ``segment`` its own query slices."""
+    out = {}
+    for key, zs in requests.items():
+        c, group = key
+        if key not in states:
+            states[key] = inferer.encode(model, *_support_tensors(support_image, support_label == c, group))
+        logits = inferer(model, queries[..., zs], states[key])  # [2, X, Y, n]
+        labels = (logits[1] > logits[0]).numpy()
+        out[key] = {z: labels[..., i] for i, z in enumerate(zs)}
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--encoder", default="qnet_resnet101")
-    parser.add_argument("--feature-key", default="down2")
-    parser.add_argument("--class-id", type=int, default=1, help="CHAOS class (1 liver: 24 EP1 slices in query 1)")
-    parser.add_argument("--sw-batch-size", type=int, default=4)
-    parser.add_argument("--slices", type=int, default=8, help="EP1 query slices timed (0: all of the class)")
-    parser.add_argument("--naive-slices", type=int, default=2)
+    parser.add_argument("--method", default="prototype")
+    parser.add_argument("--encoder", default="small")
+    parser.add_argument("--fold", type=int, default=0)
+    parser.add_argument("--sw-batch-size", type=int, default=8)
+    parser.add_argument("--floor-slices", type=int, default=12, help="single-slice forwards timed, before and after")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -103,81 +94,79 @@ def main() -> None:
 
     desc = get_dataset("chaos")
     files = {f.scan_id: f for f in pair_scans(DATA, require_pseudolabels=False)}
-    query, support = load_scan(files[1], desc), load_scan(files[3], desc)
-    q_img, s_img = to_channels(query.image), to_channels(support.image)
-    c = args.class_id
-    plan = make_plan("ep1", query.label == c, support.label == c)
-    zs = [int(z) for z in np.flatnonzero(plan.predicted)]
-    zs = zs[: args.slices] if args.slices else zs
-    requests = {g: [z for z in zz if z in zs] for g, zz in plan.requests().items()}
-    requests = {g: zz for g, zz in requests.items() if zz}
+    spec = get_fold(desc, args.fold, "qnet")
+    support = load_scan(files[spec.support_id], desc)
+    s_img = to_channels(support.image)
+    queries, requests = {}, {}
+    for q in spec.query_ids:
+        scan = load_scan(files[q], desc)
+        queries[q] = to_channels(scan.image)
+        requests[q] = {}
+        for c in desc.test_classes:
+            plans = [make_plan(p, scan.label == c, support.label == c) for p in PROTOCOLS]
+            requests[q].update({(c, g): zs for g, zs in merge_requests(plans).items()})
+    distinct = sum(len({z for zs in r.values() for z in zs}) for r in requests.values())
+    groups = len({key for r in requests.values() for key in r})
+    pairs = sum(len(zs) for r in requests.values() for zs in r.values())
 
-    model = PrototypeSegmenter(encoder=build_encoder(args.encoder), feature_key=args.feature_key).eval()
-    inferer = FewShotSliceInferer(sw_batch_size=args.sw_batch_size)
-    with torch.inference_mode():  # warm-up
-        model.encoder(q_img[..., zs[0]][None])
+    model = build_method(args.method, encoder=build_encoder(args.encoder)).eval()
+    counter = Counter()
+    model.encoder.register_forward_hook(counter)
+    inferer = FewShotSliceInferer(sw_batch_size=args.sw_batch_size, device="cpu")
+    probe = queries[spec.query_ids[0]]
+    picks = np.linspace(0, probe.shape[-1] - 1, args.floor_slices).round().astype(int)
 
-    rows = []
-    with torch.inference_mode():
-        floor = [timed(lambda z=z: model.encoder(q_img[..., z][None])) for z in zs]
-    f_wall = statistics.median(t for _, t, _ in floor)
-    f_cpu = statistics.median(t for _, _, t in floor)
-    rows.append(("floor: encoder forward, 1 query slice", f_wall, f_cpu, len(zs)))
+    def floor_times():
+        with inference_context(model):
+            model.encoder(probe[..., picks[0]][None])  # warm-up
+            return [timed(lambda z=z: model.encoder(probe[..., int(z)][None]))[1:] for z in picks]
 
-    naive_z = zs[:: max(1, len(zs) // args.naive_slices)][: args.naive_slices]
-    group_of = {z: g for g, zz in requests.items() for z in zz}
+    floor = floor_times()
+    rows = {}
+    for name, run in (("old", old_pass), ("new", None)):
+        counter.reset()
+        states: dict = {}
+        preds = {}
 
-    def naive():
-        with torch.inference_mode():
-            for z in naive_z:
-                g = group_of[z]
-                state = model.encode_support(s_img[..., list(g)].permute(3, 0, 1, 2),
-                                             torch.as_tensor((support.label[..., list(g)] == c).transpose(2, 0, 1), dtype=torch.float32))
-                model.segment(q_img[..., z][None], state).argmax(1)
+        def fold_pass():
+            for q, reqs in requests.items():
+                if run is None:
+                    preds[q] = predict_query(model, inferer, queries[q], s_img, support.label, reqs,
+                                             states=states.setdefault("by_class", {}))
+                else:
+                    preds[q] = run(model, inferer, queries[q], s_img, support.label, reqs, states)
 
-    _, w, cpu = timed(naive)
-    rows.append(("naive: support re-encoded per slice, batch 1", w / len(naive_z), cpu / len(naive_z), len(naive_z)))
+        _, w, cpu = timed(fold_pass)
+        rows[name] = (counter.images, counter.calls, w, cpu, preds)
+    floor += floor_times()
+    f_wall = statistics.median(t for t, _ in floor)
+    f_cpu = statistics.median(t for _, t in floor)
 
-    states: dict = {}
-    _, w, cpu = timed(lambda: predict_pass(model, inferer, q_img, s_img, support.label == c, requests, states=states))
-    rows.append((f"fast, cold support (batch {args.sw_batch_size})", w / len(zs), cpu / len(zs), len(zs)))
-    _, w, cpu = timed(lambda: predict_pass(model, inferer, q_img, s_img, support.label == c, requests, states=states))
-    rows.append((f"fast, support cached (batch {args.sw_batch_size})", w / len(zs), cpu / len(zs), len(zs)))
+    counter.reset()
+    _, e_wall, e_cpu = timed(lambda: evaluate(model, DATA, fold=args.fold, family="qnet", protocols=PROTOCOLS,
+                                              device="cpu", sw_batch_size=args.sw_batch_size, progress=False))
+    e_images, e_calls = counter.images, counter.calls
 
-    n_all = int(plan.predicted.sum())
-    with tempfile.TemporaryDirectory() as out:
-        _, w, cpu = timed(lambda: evaluate(FreeModel(), DATA, fold=0, protocols=("ep1",), output_dir=out,
-                                           query_ids=(1,), classes=(c,), progress=False))
-    overhead, overhead_cpu = w / n_all, cpu / n_all
-    rows.append(("evaluate() overhead (model costs nothing), ep1", overhead, overhead_cpu, n_all))
-    cached_wall = rows[3][1]
-    per_slice = cached_wall + overhead
-    rows.append(("estimated evaluate() per slice (cached + overhead)", per_slice, rows[3][2] + overhead_cpu, n_all))
-
-    print(f"\nencoder {args.encoder} ({args.feature_key}), {args.threads} threads, CHAOS query 1 / support 3, "
-          f"class {c}, 256x256\n")
-    print("| path | slices | s / slice | ratio to floor | CPU s / slice | CPU ratio |")
-    print("|---|---|---|---|---|---|")
-    for name, w, cpu, n in rows:
-        print(f"| {name} | {n} | {w:.3f} | {w / f_wall:.2f} | {cpu:.3f} | {cpu / f_cpu:.2f} |")
-
-    counts = fold_slice_counts(0)
-    print(f"\nCHAOS fold 0 (qnet: 4 queries x 4 classes): EP1 predicts {counts['ep1']} slices; all 5 protocols "
-          f"share a pass of {counts['all']} slices ({counts['groups']} support groups).")
-    # In floor units (encoder forwards), which do not depend on the machine's load.
-    units = {"ep1": counts["ep1"] * per_slice / f_wall + counts["groups_ep1"],
-             "all": counts["all"] * per_slice / f_wall + counts["groups"]}
-    # The reference loop runs at least two encoder forwards per query slice (its support slice re-encoded,
-    # then the query) before its refinement, so where it took 4.35 s / slice the floor is <= 4.35 / 2 s.
-    floor_bound = 4.35 / 2 if args.encoder == "qnet_resnet101" else float("nan")  # the reference's encoder
-    print("| fold estimate | encoder forwards | minutes at this run's floor "
-          f"({f_wall:.2f} s) | minutes at floor <= {floor_bound:.2f} s (reference machine) |")
-    print("|---|---|---|---|")
-    for key, name in (("ep1", "EP1 (Q-Net family protocol)"), ("all", "all 5 protocols, one shared pass")):
-        print(f"| {name} | {units[key]:.0f} | {units[key] * f_wall / 60:.1f} | <= {units[key] * floor_bound / 60:.1f} |")
-    ref_units = counts["ep1"] * 2
-    print(f"| reference Q-Net test loop, EP1 (4.35 s / slice) | >= {ref_units:.0f} | "
-          f"{ref_units * f_wall / 60:.1f} (no refinement) | {counts['ep1'] * 4.35 / 60:.1f} |")
+    differ = sum(int((rows["old"][4][q][k][z] != rows["new"][4][q][k][z]).sum())
+                 for q in requests for k in requests[q] for z in requests[q][k])
+    target = distinct + groups
+    print(f"\n{args.method} on encoder {args.encoder}, {args.threads} threads, CHAOS fold {args.fold} (qnet: support "
+          f"{spec.support_id}, queries {list(spec.query_ids)}), {len(desc.test_classes)} classes, protocols "
+          f"{', '.join(PROTOCOLS)}, 256x256, sw_batch_size {args.sw_batch_size}")
+    print(f"distinct query slices {distinct}, support groups {groups}, (class, group, slice) predictions {pairs}; "
+          f"floor forward {f_wall * 1e3:.1f} ms wall, {f_cpu * 1e3:.1f} ms CPU (median of {len(floor)})\n")
+    print("| path | encoder forwards | / (slices + groups) | encoder calls | wall s | wall / (forwards x floor) "
+          "| wall / ((slices + groups) x floor) | CPU s | CPU / ((slices + groups) x CPU floor) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, (images, calls, w, cpu) in (("old: per (class, group) segment", rows["old"][:4]),
+                                          ("new: shared query encoding", rows["new"][:4]),
+                                          ("evaluate() (new, incl. loading, planning, Dice)",
+                                           (e_images, e_calls, e_wall, e_cpu))):
+        print(f"| {name} | {images} | {images / target:.2f} | {calls} | {w:.1f} | {w / (images * f_wall):.2f} | "
+              f"{w / (target * f_wall):.2f} | {cpu:.1f} | {cpu / (target * f_cpu):.2f} |")
+    old, new = rows["old"], rows["new"]
+    print(f"\nold / new: {old[0] / new[0]:.1f}x fewer encoder forwards, {old[2] / new[2]:.1f}x less wall time; "
+          f"predictions differing between old and new: {differ} pixels of {pairs * 256 * 256}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ COMMANDS = (
     "quickstart",
     "freeze",
     "import-checkpoint",
+    "render-bundles",
 )
 
 

@@ -185,8 +185,12 @@ def torch_load(path: str | os.PathLike[str], map_location: Any = "cpu") -> Any:
 
 
 def state_dict_from_checkpoint(ckpt: Mapping[str, Any], keys: tuple[str, ...] = ("model", "network", "state_dict")) -> dict:
-    """Return the model state dict from a checkpoint that is either a state dict or wraps one."""
-    for k in keys:
-        if isinstance(ckpt, Mapping) and k in ckpt and isinstance(ckpt[k], Mapping):
-            return dict(ckpt[k])
-    return dict(ckpt)
+    """Return the model state dict from a checkpoint that is either a state dict or wraps one (a copy that
+    keeps PyTorch's ``_metadata``, where the layout record of :mod:`fsmis_monai.networks.layout` lives)."""
+    from collections import OrderedDict
+
+    state = next((ckpt[k] for k in keys if isinstance(ckpt, Mapping) and isinstance(ckpt.get(k), Mapping)), ckpt)
+    out = OrderedDict(state)
+    if getattr(state, "_metadata", None) is not None:
+        out._metadata = state._metadata  # type: ignore[attr-defined]
+    return out

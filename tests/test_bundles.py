@@ -22,9 +22,10 @@ from fsmis_monai.io import save_nifti, torch_load
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO.parent / "shared" / "monai" / "meta_schema_20240725.json"
 BUNDLES = sorted(p.name for p in (REPO / "bundles").iterdir() if (p / "configs" / "train.json").is_file())
-SHARED_KEYS = {"bundle_root", "dataset_dir", "dataset_name", "output_dir", "fold", "setting", "encoder",
-               "pretrained_weights", "image_size", "max_iterations", "ckpt_path", "device", "seed", "faithful",
-               "network_def", "network"}
+# keys every inference.json holds; train.json adds the training ones (evaluate.json overrides train.json)
+NETWORK_KEYS = {"bundle_root", "dataset_dir", "dataset_name", "output_dir", "encoder", "pretrained_weights",
+                "ckpt_path", "device", "seed", "faithful", "network_def", "network"}
+SHARED_KEYS = NETWORK_KEYS | {"fold", "setting", "image_size", "max_iterations", "normalization"}
 IDS = (1, 2)
 
 
@@ -46,9 +47,10 @@ def tiny_data(chaos_dir, tmp_path_factory):
     return root
 
 
-def _workflow(bundle: str, config: str, workflow_type: str | None, **override) -> ConfigWorkflow:
+def _workflow(bundle: str, config: str | list[str], workflow_type: str | None, **override) -> ConfigWorkflow:
     configs = REPO / "bundles" / bundle / "configs"
-    return ConfigWorkflow(config_file=str(configs / config), meta_file=str(configs / "metadata.json"),
+    files = [str(configs / c) for c in config] if isinstance(config, list) else str(configs / config)
+    return ConfigWorkflow(config_file=files, meta_file=str(configs / "metadata.json"),
                           logging_file=str(configs / "logging.conf"), workflow_type=workflow_type,
                           bundle_root=str(REPO / "bundles" / bundle), **override)
 
@@ -76,8 +78,11 @@ def test_bundle_files_metadata_and_keys(bundle, tmp_path):
     assert SHARED_KEYS | {"inferer"} <= set(train), sorted(SHARED_KEYS - set(train))
     assert train["method"] == bundle
     infer = json.loads((root / "configs" / "inference.json").read_text())
-    assert SHARED_KEYS | {"inferer", "dataset", "evaluator"} <= set(infer)
-    assert SHARED_KEYS <= set(json.loads((root / "configs" / "evaluate.json").read_text()))
+    assert NETWORK_KEYS | {"inferer", "dataset", "evaluator"} <= set(infer)
+    assert not {"fold", "setting", "max_iterations", "train", "optimizer"} & set(infer)  # nothing of training
+    evaluate = json.loads((root / "configs" / "evaluate.json").read_text())
+    lifecycle = {"output_dir", "initialize", "run", "finalize"}
+    assert "evaluate" in evaluate and not (set(evaluate) - lifecycle) & set(train)  # adds only evaluation keys
 
 
 @pytest.mark.parametrize("bundle", BUNDLES)
@@ -139,8 +144,8 @@ def test_resume_after_stopped_run_continues_from_checkpoint(tiny_data, tmp_path)
 
 def test_evaluate_json_writes_per_case_dice(tiny_data, tmp_path):
     out = tmp_path / "eval"
-    wf = _workflow("adnet", "evaluate.json", None, dataset_dir=str(tiny_data / "data"), output_dir=str(out),
-                   encoder="small", ckpt_path=None, protocols=["ep1", "whole"], classes=[1], query_ids=[2],
+    wf = _workflow("adnet", ["train.json", "evaluate.json"], None, dataset_dir=str(tiny_data / "data"),
+                   output_dir=str(out), encoder="small", ckpt_path=None, protocols=["ep1", "whole"], classes=[1], query_ids=[2],
                    support_id=1)
     wf.initialize()
     with pytest.warns(UserWarning, match="UNTRAINED"):

@@ -123,7 +123,11 @@ def test_training_volumes_pairs_by_id(scan_dirs, sv_volumes):
     root, sv_dir, _ = scan_dirs
     vols = training_volumes(root, "chaos", fold=None, pseudolabel_dir=sv_dir)
     assert [v.scan_id for v in vols] == list(SCANS)
-    assert all(a is b for a, b in zip(vols, sv_volumes))  # same options, same files: served from the cache
+    # the contract derived from the scans (their own orientation and spacing) changes nothing in them
+    assert all(np.array_equal(a.image, b.image) and np.array_equal(a.pseudolabel, b.pseudolabel)
+               for a, b in zip(vols, sv_volumes))
+    again = training_volumes(root, "chaos", fold=None, pseudolabel_dir=sv_dir)
+    assert all(a is b for a, b in zip(vols, again))  # same options, same files: served from the cache
 
 
 def test_cmr_labels_remapped_to_canonical_ids(cmr_dir):

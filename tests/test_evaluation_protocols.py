@@ -74,8 +74,8 @@ def test_faithful_senet_refuses_short_support_range(chaos_dir, tmp_path):
 
 
 def test_empty_ground_truth_is_reported(cmr_dir, tmp_path):
-    """A query scan without the class: oracle protocols score nothing, ep2/whole count the false positives;
-    the case is flagged, left out of the means and never averaged as NaN."""
+    """A query scan without the class: oracle protocols score nothing (flagged, left out of the means, never
+    averaged as NaN); under ep2/whole its false positives score Dice 0 and the case is averaged."""
     data = tmp_path / "data"
     data.mkdir()
     for sid in (1, 2):
@@ -99,16 +99,30 @@ def test_empty_ground_truth_is_reported(cmr_dir, tmp_path):
     for p in ("ep2", "whole"):
         r = rows[(3, 3, p)]
         _, tp, fp, fn, n_scored, _, _ = ref_case(p, q_img, lbl == 600, s_lbl == 600)
-        assert r["status"] == "empty_ground_truth" and r["dice"] == ""
+        assert r["status"] == "ok" and float(r["dice"]) == 0.0  # 2TP / (2TP + FP + FN) with TP = 0 < FP
         assert (int(r["tp"]), int(r["fp"]), int(r["fn"]), int(r["scored_slices"])) == (0, fp, 0, n_scored) and fp > 0
     for p, stats in summary["protocols"].items():
-        assert stats["n_empty"] == 1
-        # class 3 has one defined case (query 2) and the mean over classes is finite
-        assert stats["classes"]["3"]["mean"] == pytest.approx(float(rows[(2, 3, p)]["dice"]), abs=1e-12)
+        whole_volume = p in ("ep2", "whole")
+        assert stats["n_empty"] == (0 if whole_volume else 1)
+        # class 3: query 2's Dice, averaged with query 3's 0 under the whole-volume protocols
+        q2 = float(rows[(2, 3, p)]["dice"])
+        assert stats["classes"]["3"]["mean"] == pytest.approx(q2 / 2 if whole_volume else q2, abs=1e-12)
         assert math.isfinite(stats["mean"])
         fold = summary["folds"]["0"][p]["classes"]["3"]
-        assert (fold["n"], fold["n_empty"]) == (1, 1)
+        assert (fold["n"], fold["n_empty"]) == ((2, 0) if whole_volume else (1, 1))
     assert "no ground truth on the scored slices" in (out / "summary.md").read_text()
+
+
+def test_whole_volume_dice_rule():
+    """Only whole/ep2 score a volume without ground truth, and only when something was predicted."""
+    from fsmis_monai.evaluation.metrics import case_status, dice_from_counts
+
+    for p in ("whole", "ep2"):
+        assert case_status(0, 0, 770246, p) == "ok" and dice_from_counts(0, 770246, 0) == 0.0
+        assert case_status(0, 0, 0, p) == "empty_ground_truth"
+    for p in ("ep1", "alp", "senet"):
+        assert case_status(0, 0, 12, p) == "empty_ground_truth"
+    assert case_status(3, 1, 0, "ep1") == "ok"
 
 
 def test_summary_means_over_scans_classes_and_folds():

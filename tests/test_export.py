@@ -121,8 +121,12 @@ def test_freeze_command_writes_a_bundle_monai_can_check_export_and_run(tiny_scan
                        "--support-image", str(tiny_scans / "image_1.nii.gz"),
                        "--support-label", str(tiny_scans / "label_1.nii.gz"), "--class", "liver",
                        "--output", str(out), "--protocol", "ep1", "--set", 'encoder="small"']) == 0
-    for f in ("LICENSE", "docs/README.md", "configs/metadata.json", "configs/inference.json", "models/model.pt"):
+    for f in ("LICENSE", "docs/README.md", "configs/metadata.json", "configs/inference.json", "models/model.pt",
+              "models/data_contract.json"):
         assert (out / f).is_file(), f
+    from fsmis_monai.data.contract import load_contract
+
+    assert load_contract(out / "models" / "model.pt").dataset == "chaos_mr_t2"  # copied: queries prepared alike
     meta, config = str(out / "configs" / "metadata.json"), str(out / "configs" / "inference.json")
     shutil.copy(SCHEMA, tmp_path / SCHEMA.name)
     verify_metadata(meta_file=meta, filepath=str(tmp_path / SCHEMA.name))
@@ -211,7 +215,7 @@ def test_freeze_refuses_bad_inputs(tiny_scans, tmp_path, capsys):
     with pytest.raises(FsmisInputError, match="already exists"):
         freeze_bundle(REPO / "bundles" / "adnet", output=tmp_path / "exists", ckpt_path=wrong, **kwargs)
     ok = torch_save(_method("adnet").state_dict(), tmp_path / "adnet.pt")
-    with pytest.raises(FsmisInputError, match="no voxel has label 4"):
+    with pytest.raises(FsmisInputError, match="support class 4: no voxel has that class"):
         freeze_bundle(REPO / "bundles" / "adnet", output=tmp_path / "b", ckpt_path=ok,
                       **{**kwargs, "support_class": 4})
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--support-label", required=True, type=Path, help="its label volume (NIfTI)")
     parser.add_argument("--class", dest="support_class", required=True,
                         help="label value, or class name of the bundle's dataset (e.g. liver)")
+    parser.add_argument("--dataset", default=None,
+                        help="dataset whose label map reads --support-label (default: the bundle's dataset_name; "
+                             "'none' for your own masks, any raw value)")
     parser.add_argument("--output", required=True, type=Path, help="new bundle folder (must not exist)")
     parser.add_argument("--protocol", default="ep1", choices=sorted(PROTOCOL_SLICES), help="support slice picks")
     parser.add_argument("--no-refinement", action="store_true",
@@ -103,7 +106,8 @@ def _metadata(source: dict, method: str, support_class: Any, protocol: str, pick
 
 def _inference_config(method_def: dict, spec: dict, refine: bool, size: list[int], single_query: bool) -> dict:
     return {
-        "imports": ["$import glob", "$import os", "$import numpy", "$import torch", "$import fsmis_monai.export"],
+        "imports": ["$import glob", "$import os", "$import numpy", "$import torch", "$import fsmis_monai", "$import fsmis_monai.export",
+                    "$import fsmis_monai.data.contract", "$import fsmis_monai.engines.inference"],
         "bundle_root": ".",
         "dataset_dir": "/workspace/data/queries",
         "query_glob": "*.nii*",
@@ -113,31 +117,21 @@ def _inference_config(method_def: dict, spec: dict, refine: bool, size: list[int
         "image_size": size,
         "sw_batch_size": 1 if single_query else 8,
         "write_overlays": True,
+        "keep_largest_component": False,
         "method_def": method_def,
         "network_def": {"_target_": "fsmis_monai.export.FrozenFewShotSegmenter", "method": "@method_def",
                         "support_spec": spec, "refine": refine},
         "network": "$@network_def.to(@device)",
         "datalist": "$[{'image': f} for f in sorted(glob.glob(os.path.join(@dataset_dir, @query_glob)))]",
-        "preprocessing": {"_target_": "Compose", "transforms": [
-            {"_target_": "LoadImaged", "keys": "image", "image_only": True},
-            {"_target_": "EnsureChannelFirstd", "keys": "image"},
-            {"_target_": "NormalizeIntensityd", "keys": "image"},  # volume z-score, as the support was
-            {"_target_": "RepeatChanneld", "keys": "image", "repeats": 3},
-            {"_target_": "EnsureTyped", "keys": "image", "dtype": "$torch.float32"},
-        ]},
+        "contract": "$fsmis_monai.data.contract.load_contract(@ckpt_path)",
+        "preprocessing": "$fsmis_monai.engines.inference.query_preprocessing(@contract, 3)",
         "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
         "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1, "shuffle": False,
                        "num_workers": 0},
         "inferer": {"_target_": "SliceInferer", "spatial_dim": 2, "roi_size": "@image_size",
                     "sw_batch_size": "@sw_batch_size", "overlap": 0.0, "progress": False},
-        "postprocessing": {"_target_": "Compose", "transforms": [
-            {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
-            {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir", "output_postfix": "seg",
-             "output_dtype": "$numpy.uint8", "resample": False, "separate_folder": False, "print_log": False,
-             "writer": "fsmis_monai.engines.inference.AtomicNibabelWriter"},
-            {"_target_": "fsmis_monai.transforms.overlays.SaveOverlayd", "_disabled_": "$not @write_overlays",
-             "keys": ["image", "pred"], "output_dir": "@output_dir", "n_slices": 3},
-        ]},
+        "postprocessing": "$fsmis_monai.engines.inference.prediction_postprocessing(@preprocessing, @output_dir, "
+                          "'seg', @keep_largest_component, @write_overlays)",
         "handlers": [
             {"_target_": "CheckpointLoader", "load_path": "@ckpt_path", "load_dict": {"model": "@network"},
              "map_location": "@device"},
@@ -182,16 +176,20 @@ ONNX export needs the `onnx` package (`pip install fsmis-monai[export]`). Model 
 
 def freeze_bundle(bundle: Path, support_image: Path, support_label: Path, support_class: Any, output: Path,
                   ckpt_path: Path | None = None, protocol: str = "ep1", refine: bool = True,
-                  overrides: dict[str, Any] | None = None) -> Path:
-    """Write the frozen bundle to ``output``; returns it. See the module docstring."""
+                  overrides: dict[str, Any] | None = None, dataset: Any = "bundle") -> Path:
+    """Write the frozen bundle to ``output``; returns it. See the module docstring.
+
+    The source model's data contract (beside ``ckpt_path``; weights without one: the bundle's dataset and
+    normalisation at the stored grid) prepares the support and is copied into ``output/models``, so the frozen
+    bundle prepares its queries the same way. ``support_class``: a class name or raw label value of
+    ``dataset`` (default: the bundle's ``dataset_name``; ``None``/``"none"``: own masks, any raw value)."""
     from monai.bundle import ConfigParser
 
-    from fsmis_monai.data.registry import get_dataset
-    from fsmis_monai.engines.inference import load_support
-    from fsmis_monai.evaluation.protocols import class_slices, fraction_picks
+    from fsmis_monai.data.contract import save_contract
+    from fsmis_monai.engines.inference import model_contract, support_slices
     from fsmis_monai.export import FrozenFewShotSegmenter
-    from fsmis_monai.io import FsmisInputError, load_nifti, read_json, state_dict_from_checkpoint, torch_load, \
-        torch_save, write_json, write_text
+    from fsmis_monai.io import FsmisInputError, read_json, torch_save, write_json, write_text
+    from fsmis_monai.networks.layout import load_weights
 
     bundle, output = Path(bundle), Path(output)
     if not (bundle / "configs" / "inference.json").is_file():
@@ -202,19 +200,16 @@ def freeze_bundle(bundle: Path, support_image: Path, support_label: Path, suppor
         raise FsmisInputError(f"protocol {protocol!r}: choose one of {sorted(PROTOCOL_SLICES)}")
     ckpt_path = Path(ckpt_path) if ckpt_path is not None else bundle / "models" / "model.pt"
     method_def, parser = method_definition(bundle, overrides or {})
-    dataset = parser.get_parsed_content("dataset_name")
-    cls = int(support_class) if str(support_class).lstrip("-").isdigit() else support_class
-    images, masks = load_support(support_image, support_label, cls, PROTOCOL_SLICES[protocol], dataset)
-    class_id = get_dataset(dataset).class_id(cls)
-    zs = class_slices(load_nifti(support_label)[0] == class_id)
-    picks = sorted({int(zs[i]) for i in fraction_picks(len(zs), PROTOCOL_SLICES[protocol])})
+    if dataset == "bundle":
+        dataset = parser.get_parsed_content("dataset_name")
+    dataset = None if dataset is None or str(dataset).lower() in ("none", "") else dataset
+    defaults = {k: parser[k] for k in ("normalization",) if k in parser}
+    contract = model_contract(ckpt_path, dataset, **defaults)
+    images, masks, picks = support_slices(support_image, support_label, support_class, PROTOCOL_SLICES[protocol],
+                                          contract)
 
     method = ConfigParser({"net": method_def}).get_parsed_content("net")
-    weights = state_dict_from_checkpoint(torch_load(ckpt_path))
-    try:
-        method.load_state_dict(weights, strict=True)
-    except RuntimeError as e:
-        raise FsmisInputError(f"{ckpt_path}: does not fit the {bundle.name} network ({e})") from e
+    load_weights(method, ckpt_path)  # strict, layout record checked, errors name the file
     frozen = FrozenFewShotSegmenter.from_support(method, images, masks, refine=refine)
     size = [int(s) for s in images.shape[-2:]]
 
@@ -230,6 +225,7 @@ def freeze_bundle(bundle: Path, support_image: Path, support_label: Path, suppor
     write_json(staging / "configs" / "metadata.json", meta)
     write_json(staging / "configs" / "inference.json", config)
     torch_save(frozen.state_dict(), staging / "models" / "model.pt")
+    save_contract(contract, staging / "models" / "model.pt")
     write_text(staging / "docs" / "README.md", README.format(
         name=meta["name"], method=bundle.name, cls=support_class, protocol=protocol, picks=picks,
         support=Path(support_image).name, h=size[0], w=size[1], refine=refine_text))
@@ -249,7 +245,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         out = freeze_bundle(args.bundle, args.support_image, args.support_label, args.support_class, args.output,
                             ckpt_path=args.ckpt_path, protocol=args.protocol, refine=not args.no_refinement,
-                            overrides=_parse_overrides(args.overrides))
+                            overrides=_parse_overrides(args.overrides),
+                            dataset="bundle" if args.dataset is None else args.dataset)
     except (FsmisInputError, KeyError) as e:  # KeyError: a class name the dataset does not know
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -11,6 +11,7 @@ annotated support. Labels are used only by the evaluation.
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import time
 from pathlib import Path
@@ -93,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     )
     workflow.initialize()
     network = workflow.parser.get_parsed_content("network_def")
-    untrained_state = {k: v.detach().clone() for k, v in network.state_dict().items()}
+    untrained_state = copy.deepcopy(network.state_dict())  # a copy that keeps the layout record
     t0 = time.perf_counter()
     workflow.run()
     workflow.finalize()

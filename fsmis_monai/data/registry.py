@@ -30,7 +30,8 @@ class DatasetDescriptor:
     test_classes: tuple[int, ...] = ()
     # Setting 2 (Ouyang et al.): the two test groups trained separately (training excludes the group)
     setting2_groups: tuple[tuple[int, ...], ...] = ()
-    supervoxel_min_size: int = 5000
+    supervoxel_min_size: int = 5000  # 3D Felzenszwalb min_size, voxels (ADNet/Q-Net release)
+    superpixel_min_size: int = 400  # 2D Felzenszwalb min_size, pixels (SSL-ALPNet release)
     superpixel_body_threshold: float = 1e-4
     fold_test_size: int = 4  # query scans per fold; a fold lists test_size + 1 scans (one is the support)
     known_ids: tuple[int, ...] = ()
@@ -55,6 +56,20 @@ class DatasetDescriptor:
             if n.lower() == str(name_or_id).lower():
                 return c
         raise KeyError(f"{self.key}: unknown class {name_or_id!r}; known: {dict(self.label_names)}")
+
+    def pseudolabel_min_size(self, kind: str) -> int:
+        """The reference ``min_size`` of the pseudolabels of ``kind`` (``"supervoxels"`` or ``"superpixels"``)."""
+        sizes = {"supervoxels": self.supervoxel_min_size, "superpixels": self.superpixel_min_size}
+        if kind not in sizes:
+            raise ValueError(f"unknown pseudolabel kind {kind!r}; use 'supervoxels' or 'superpixels'")
+        return sizes[kind]
+
+    def pseudolabel_folder(self, kind: str, min_size: int | None = None) -> str:
+        """Folder name of this dataset's pseudolabels of ``kind``, e.g. ``chaos_mr_t2_supervoxels_5000``
+        (``min_size`` None: the reference size). Bundles put it under their ``cache_dir``, never inside the
+        dataset folder, so training works on read-only data and one cache can hold several datasets."""
+        size = self.pseudolabel_min_size(kind) if min_size is None else int(min_size)
+        return f"{self.key}_{kind}_{size}"
 
 
 CHAOS_MR_T2 = DatasetDescriptor(

@@ -18,6 +18,7 @@ options), so building a training and a validation dataset, or re-creating a data
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +26,12 @@ from typing import Literal, Sequence
 
 import numpy as np
 
+from fsmis_monai.data.contract import DataContract, build_pipeline, contract_from_scans, loader, save_contract
 from fsmis_monai.data.datalist import ScanFiles, pair_scans
 from fsmis_monai.data.registry import DatasetDescriptor, FoldFamily, get_dataset, get_fold
 from fsmis_monai.io import FsmisInputError, load_nifti
 
-Normalization = Literal["volume", "global", "none"]
+Normalization = Literal["volume", "global", "slice_minmax", "none"]
 ResizeMode = Literal["crop", "resize"]
 
 __all__ = [
@@ -86,33 +88,6 @@ def _check_integral(values: np.ndarray, path: Path, what: str) -> None:
         raise FsmisInputError(f"{path}: {what} values must be integers, found e.g. {examples}")
 
 
-def _read_label(path: Path, desc: DatasetDescriptor) -> tuple[np.ndarray, np.ndarray]:
-    data, img = load_nifti(path)
-    values = np.unique(data)
-    _check_integral(values, path, "label")
-    unknown = sorted(set(values.astype(np.int64).tolist()) - set(int(k) for k in desc.raw_label_map))
-    if unknown:
-        raise FsmisInputError(
-            f"{path}: label values {unknown} are not in the {desc.key} label map {dict(desc.raw_label_map)}"
-        )
-    lut = np.zeros(max(int(k) for k in desc.raw_label_map) + 1, dtype=np.int16)
-    for raw, canonical in desc.raw_label_map.items():
-        lut[int(raw)] = int(canonical)
-    out = lut[data.astype(np.int64)]
-    return out.astype(np.uint8 if out.max(initial=0) < 256 else np.int16), np.asarray(img.affine)
-
-
-def _read_pseudolabel(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    data, img = load_nifti(path)
-    values = np.unique(data)
-    _check_integral(values, path, "pseudolabel")
-    if values.size and values.min() < 0:
-        raise FsmisInputError(f"{path}: pseudolabel ids must be >= 0, found {values.min()}")
-    if values.size and values.max() > np.iinfo(np.int32).max:
-        raise FsmisInputError(f"{path}: pseudolabel id {values.max()} does not fit in int32")
-    return data.astype(np.int32), np.asarray(img.affine)
-
-
 def _check_geometry(reference: Path, ref_shape, ref_affine, other: Path, shape, affine, check_affine: bool) -> None:
     if tuple(shape) != tuple(ref_shape):
         raise FsmisInputError(f"{other}: shape {tuple(shape)} differs from {reference.name} {tuple(ref_shape)}")
@@ -124,42 +99,34 @@ def _check_geometry(reference: Path, ref_shape, ref_affine, other: Path, shape, 
         )
 
 
-def _fit_in_plane(arr: np.ndarray, image_size: tuple[int, int], mode: ResizeMode, is_label: bool) -> np.ndarray:
-    """Crop/pad (centre) or resize a ``[Z, H, W]`` array in-plane with MONAI (Z acts as the channel axis)."""
-    from monai.transforms import Resize, ResizeWithPadOrCrop
-
-    if tuple(arr.shape[1:]) == tuple(image_size):
-        return arr
-    if mode == "crop":
-        out = ResizeWithPadOrCrop(spatial_size=image_size)(arr)
-    elif mode == "resize":
-        if is_label:
-            out = Resize(spatial_size=image_size, mode="nearest")(arr.astype(np.float32))
-        else:
-            out = Resize(spatial_size=image_size, mode="bilinear", anti_aliasing=False)(arr)
-    else:
-        raise ValueError(f"resize_mode must be 'crop' or 'resize', got {mode!r}")
-    return np.asarray(out).astype(arr.dtype, copy=False)
+def _check_pseudolabel(values: np.ndarray, path: Path) -> None:
+    _check_integral(values, path, "pseudolabel")
+    if values.size and values.min() < 0:
+        raise FsmisInputError(f"{path}: pseudolabel ids must be >= 0, found {values.min()}")
+    if values.size and values.max() > np.iinfo(np.int32).max:
+        raise FsmisInputError(f"{path}: pseudolabel id {values.max()} does not fit in int32")
 
 
-def _slice_first(arr: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(np.moveaxis(arr, -1, 0))
+def _slice_first(arr) -> np.ndarray:
+    """``[1, H, W, Z]`` (pipeline output) -> contiguous ``[Z, H, W]`` numpy."""
+    arr = arr.as_tensor() if hasattr(arr, "as_tensor") else arr
+    return np.ascontiguousarray(np.moveaxis(np.asarray(arr)[0], -1, 0))
 
 
-def _normalise(image: np.ndarray, path: Path, normalization: Normalization, stats: IntensityStats | None) -> np.ndarray:
-    if normalization == "none":
-        return image.astype(np.float32)
-    if normalization == "volume":
-        mean, std = float(image.mean(dtype=np.float64)), float(image.std(dtype=np.float64))
-    elif normalization == "global":
-        if stats is None:
-            raise ValueError("normalization='global' needs intensity stats (see intensity_stats())")
-        mean, std = stats.mean, stats.std
-    else:
-        raise ValueError(f"normalization must be 'volume', 'global' or 'none', got {normalization!r}")
-    if not std > 0:
-        raise FsmisInputError(f"{path}: constant image (standard deviation 0), cannot z-score it")
-    return ((image - mean) / std).astype(np.float32)
+def volume_contract(
+    dataset: str | DatasetDescriptor,
+    normalization: Normalization = "volume",
+    stats: IntensityStats | None = None,
+    image_size: Sequence[int] | None = None,
+    resize_mode: ResizeMode = "crop",
+) -> DataContract:
+    """The contract the keyword options of :func:`load_volume` describe (stored orientation and spacing)."""
+    if normalization == "global" and stats is None:
+        raise ValueError("normalization='global' needs intensity stats (see intensity_stats())")
+    extra = {"mean": stats.mean, "std": stats.std} if normalization == "global" and stats is not None else {}
+    size = None if image_size is None else (int(image_size[0]), int(image_size[1]))
+    return DataContract.for_dataset(get_dataset(dataset).key, normalization=normalization, image_size=size,
+                                    fit_mode=resize_mode, **extra)
 
 
 def load_volume(
@@ -170,37 +137,46 @@ def load_volume(
     image_size: Sequence[int] | None = None,
     resize_mode: ResizeMode = "crop",
     check_geometry: bool = True,
+    contract: DataContract | None = None,
 ) -> Volume:
-    """Read one scan (image, label, pseudolabel), check that they agree, remap and normalise it.
+    """Read one scan (image, label, pseudolabel), check that they agree, and prepare it with the data
+    contract's pipeline (:func:`fsmis_monai.data.contract.build_pipeline`, the one evaluation and inference use).
 
-    Shapes must match exactly; affines must match too unless ``check_geometry=False`` (pseudolabels made
-    by the reference code carry no geometry). ``image_size`` (H, W) centre-crops/pads (``"crop"``, how ALP
-    brings 257^2 SABS slices to 256^2) or resizes (``"resize"``: bilinear image, nearest labels) in-plane.
+    ``contract`` wins over ``normalization``/``stats``/``image_size``/``resize_mode`` (which describe a contract
+    that keeps the stored orientation and spacing). Shapes must match exactly; affines must match too unless
+    ``check_geometry=False`` (pseudolabels made by the reference code carry no geometry: they then take the
+    image's). ``image_size`` (H, W) centre-crops/pads (``"crop"``, how ALP brings 257^2 SABS slices to 256^2)
+    or resizes (``"resize"``: bilinear image, nearest labels) in-plane.
     """
     desc = get_dataset(dataset)
-    image, img = load_nifti(files.image)
-    if image.ndim != 3:
-        raise FsmisInputError(f"{files.image}: expected a 3D volume, got shape {image.shape}")
-    if not np.all(np.isfinite(image)):
-        raise FsmisInputError(f"{files.image}: image contains NaN or infinite values")
-    label = pseudo = None
-    if files.label is not None:
-        label, affine = _read_label(files.label, desc)
-        _check_geometry(files.image, image.shape, img.affine, files.label, label.shape, affine, check_geometry)
-    if files.pseudolabel is not None:
-        pseudo, affine = _read_pseudolabel(files.pseudolabel)
-        _check_geometry(files.image, image.shape, img.affine, files.pseudolabel, pseudo.shape, affine, check_geometry)
-    image = _normalise(image, files.image, normalization, stats)
-
-    arrays = [_slice_first(a) if a is not None else None for a in (image, label, pseudo)]
-    if image_size is not None:
-        size = (int(image_size[0]), int(image_size[1]))
-        arrays = [None if a is None else _fit_in_plane(a, size, resize_mode, is_label=i > 0)
-                  for i, a in enumerate(arrays)]
+    if contract is None:
+        contract = volume_contract(desc, normalization, stats, image_size, resize_mode)
+    paths = {"image": files.image, "label": files.label, "pseudolabel": files.pseudolabel}
+    paths = {k: v for k, v in paths.items() if v is not None}
+    d = loader(list(paths))({k: str(v) for k, v in paths.items()})
+    image = d["image"]
+    if image.ndim != 4:
+        raise FsmisInputError(f"{files.image}: expected a 3D volume, got shape {tuple(image.shape[1:])}")
+    for key in ("label", "pseudolabel"):
+        if key not in d:
+            continue
+        if key == "pseudolabel":
+            _check_pseudolabel(np.unique(np.asarray(d[key].as_tensor())), paths[key])
+        _check_geometry(files.image, image.shape[1:], image.affine.numpy(), paths[key], d[key].shape[1:],
+                        d[key].affine.numpy(), check_geometry)
+        d[key].affine = image.affine.clone()  # one grid for all (checked above, or told to trust the image)
+    out = build_pipeline(contract, "image", "label" if "label" in d else None,
+                         ["pseudolabel"] if "pseudolabel" in d else [], load=False)(d)
+    arrays = [_slice_first(out[k]) if k in out else None for k in ("image", "label", "pseudolabel")]
+    arrays[0] = arrays[0].astype(np.float32, copy=False)
+    if arrays[1] is not None:
+        arrays[1] = arrays[1].astype(np.uint8 if arrays[1].max(initial=0) < 256 else np.int16)
+    if arrays[2] is not None:
+        arrays[2] = arrays[2].astype(np.int32)
     for a in arrays:
         if a is not None:
             a.setflags(write=False)
-    return Volume(files.scan_id, arrays[0], arrays[1], arrays[2], files, np.asarray(img.affine))
+    return Volume(files.scan_id, arrays[0], arrays[1], arrays[2], files, out["image"].affine.numpy())
 
 
 # --------------------------------------------------------------------------------------- caching
@@ -230,25 +206,29 @@ def load_volumes(
     resize_mode: ResizeMode = "crop",
     check_geometry: bool = True,
     cache: bool = True,
+    contract: DataContract | None = None,
 ) -> list[Volume]:
     """:func:`load_volume` for each scan, reading each file once per process when ``cache`` is on.
 
     For ``normalization="global"`` without ``stats`` the statistics are computed over ``files`` (pass
-    the training scans here, and the same ``stats`` when loading test scans).
+    the training scans here, and the same ``stats`` when loading test scans). ``contract`` wins over the
+    normalisation and size options.
     """
     if not files:
         raise ValueError("no scans to load")
     desc = get_dataset(dataset)
-    if normalization == "global" and stats is None:
-        stats = intensity_stats(files)
-    size = None if image_size is None else (int(image_size[0]), int(image_size[1]))
+    if contract is None:
+        if normalization == "global" and stats is None:
+            stats = intensity_stats(files)
+        contract = volume_contract(desc, normalization, stats, image_size, resize_mode)
+    contract_key = json.dumps(contract.to_dict(), sort_keys=True)
     out = []
     for f in files:
-        key = (_file_key(f.image), _file_key(f.label), _file_key(f.pseudolabel), desc.key, normalization,
-               None if normalization != "global" else (stats.mean, stats.std), size, resize_mode, check_geometry)
+        key = (_file_key(f.image), _file_key(f.label), _file_key(f.pseudolabel), desc.key, contract_key,
+               check_geometry)
         vol = _CACHE.get(key) if cache else None
         if vol is None:
-            vol = load_volume(f, desc, normalization, stats, size, resize_mode, check_geometry)
+            vol = load_volume(f, desc, check_geometry=check_geometry, contract=contract)
             if cache:
                 _CACHE[key] = vol
         out.append(vol)
@@ -290,11 +270,17 @@ def training_volumes(
     image_size: Sequence[int] | None = None,
     resize_mode: ResizeMode = "crop",
     check_geometry: bool = True,
+    contract: DataContract | None = None,
+    contract_file: str | os.PathLike[str] | None = None,
 ) -> list[Volume]:
     """The training scans of ``fold`` (all scans when ``fold`` is None), loaded and cached.
 
     ``normalization`` defaults to ``"volume"`` for MR and ``"global"`` (statistics over these training
     scans) for CT, as ALP does; ADNet-style pipelines z-score per volume everywhere (pass ``"volume"``).
+    The scans are prepared under ``contract``, by default the one derived from them
+    (:func:`fsmis_monai.data.contract.contract_from_scans`: their common orientation and spacing, the
+    global statistics when asked), which ``contract_file`` (the trained weights' path, e.g.
+    ``models/model.pt``) saves beside the model for evaluation, inference and ``fsmis freeze``.
     """
     desc = get_dataset(dataset)
     all_scans = pair_scans(dataset_dir, pseudolabel_dir=pseudolabel_dir, require_labels=require_labels)
@@ -302,5 +288,11 @@ def training_volumes(
     if fold is not None:
         wanted = set(get_fold(desc, fold, family, ids=ids).train_ids)
         all_scans = [s for s in all_scans if s.scan_id in wanted]
+    if not all_scans:
+        raise FsmisInputError(f"{dataset_dir}: no training scans for fold {fold}")
     norm = normalization or ("global" if desc.modality == "CT" else "volume")
-    return load_volumes(all_scans, desc, norm, None, image_size, resize_mode, check_geometry)
+    if contract is None:
+        contract = contract_from_scans([s.image for s in all_scans], desc.key, norm, image_size, resize_mode)
+    if contract_file is not None:
+        save_contract(contract, contract_file)
+    return load_volumes(all_scans, desc, check_geometry=check_geometry, contract=contract)

@@ -5,8 +5,16 @@ from fsmis_monai.engines.checkpoints import TrainingCheckpoints
 from fsmis_monai.engines.data import ensure_pseudolabels, pseudolabel_command
 from fsmis_monai.engines.fewshot import FewShotInferer, FewShotLoss, FewShotPrepareBatch, loss_terms, total_loss
 from fsmis_monai.engines.handlers import LearningRateLogger, LossProgressBar, prediction_overlay, query_overlays
-from fsmis_monai.engines.resume import ResumableEpisodeSampler, ResumeEpisodes, checkpoint_iteration, latest_checkpoint
+from fsmis_monai.engines.resume import (
+    ContinueRun,
+    ResumableEpisodeSampler,
+    ResumeEpisodes,
+    checkpoint_iteration,
+    iterations_asked,
+    latest_checkpoint,
+)
 from fsmis_monai.engines.inference import FewShotVolumeInferer, load_support
+from fsmis_monai.engines.performance import amp_kwargs, set_cudnn
 from fsmis_monai.engines.validation import FewShotValidation
 
 __all__ = [
@@ -15,6 +23,8 @@ __all__ = [
     "pseudolabel_command",
     "FewShotVolumeInferer",
     "load_support",
+    "amp_kwargs",
+    "set_cudnn",
     "FewShotInferer",
     "FewShotLoss",
     "FewShotPrepareBatch",
@@ -26,6 +36,8 @@ __all__ = [
     "query_overlays",
     "ResumableEpisodeSampler",
     "ResumeEpisodes",
+    "ContinueRun",
+    "iterations_asked",
     "checkpoint_iteration",
     "latest_checkpoint",
     "FewShotValidation",

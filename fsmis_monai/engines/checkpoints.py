@@ -4,8 +4,10 @@ MONAI's ``CheckpointSaver``/``CheckpointLoader`` need the trainer in their dict 
 but a bundle config cannot reference the trainer from inside the trainer's own handler list (a circular
 reference). :class:`TrainingCheckpoints` receives the trainer when it is attached and builds both handlers
 then: resume from the newest ``checkpoint_iteration=N.pt`` of ``ckpt_dir`` (``map_location`` so GPU
-checkpoints load on CPU), save every ``save_interval`` iterations (ignite saves on rank 0 only), and on
-successful completion write the bare network weights to ``final_path`` (the bundle's ``models/model.pt``).
+checkpoints load on CPU) into a run of the same or a larger iteration count
+(:class:`~fsmis_monai.engines.resume.ContinueRun`), save every ``save_interval`` iterations (ignite saves on
+rank 0 only), and when the run has trained all its iterations write the bare network weights to
+``final_path`` (the bundle's ``models/model.pt``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader, CheckpointSaver
 from torch import nn
 
-from fsmis_monai.engines.resume import latest_checkpoint
+from fsmis_monai.engines.resume import ContinueRun, iterations_asked, latest_checkpoint, schedulers_of
 from fsmis_monai.io import FsmisInputError, torch_save
 
 logger = logging.getLogger(__name__)
@@ -58,7 +60,8 @@ class TrainingCheckpoints:
         n_saved: how many periodic checkpoints to keep (None: all).
         resume: start from the newest checkpoint in ``ckpt_dir`` when there is one.
         map_location: passed to ``CheckpointLoader``.
-        final_path: where the trained network's state dict goes when training completes (None: nowhere).
+        final_path: where the trained network's state dict goes when the run has trained all its iterations
+            (None: nowhere); a run stopped early (``terminate()``, an error, a kill) does not write it.
         network_key: the entry of ``objects`` written to ``final_path``.
     """
 
@@ -94,25 +97,36 @@ class TrainingCheckpoints:
                     raise FsmisInputError(f"{self.resumed_from}: damaged checkpoint (not a complete torch.save "
                                           "file); delete it to resume from the previous one")
                 logger.info(f"resuming from {self.resumed_from}")
-                CheckpointLoader(self.resumed_from, state, map_location=self.map_location).attach(engine)
-                engine.add_event_handler(Events.STARTED, self._warn_if_finished)
+                loader = CheckpointLoader(self.resumed_from, state, map_location=self.map_location)
+                ContinueRun(self.resumed_from, loader, schedulers_of(self.objects.values())).attach(engine)
         saver = CheckpointSaver(str(self.ckpt_dir), state, save_interval=self.save_interval, epoch_level=False,
                                 n_saved=self.n_saved, save_final=True)
         make_atomic(saver)
-        saver.attach(engine)
+        # ``saver.attach`` would register the periodic save now, ahead of the handlers listed after this one
+        # (the LR scheduler's step among them): a checkpoint of iteration N would hold the schedule of N - 1,
+        # and a resume would apply every later milestone one iteration late. The periodic save is registered
+        # when the run starts instead, after every handler of the trainer's config; final/exception saves as
+        # MONAI attaches them.
+        saver.logger = engine.logger
+        engine.add_event_handler(Events.COMPLETED, saver.completed)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, saver.exception_raised)
+        if self.save_interval > 0:
+            engine.add_event_handler(Events.STARTED, self._save_periodically, saver)
         if self.final_path is not None:
             engine.add_event_handler(Events.COMPLETED, self._export)
 
-    def _warn_if_finished(self, engine: Engine) -> None:
-        """A checkpoint of a finished run restores its schedule: say so instead of silently doing nothing."""
-        length, epochs = engine.state.epoch_length or 0, engine.state.max_epochs or 0
-        if length and engine.state.iteration >= length * epochs:
-            logger.warning(f"{self.resumed_from}: that run already finished ({engine.state.iteration} iterations); "
-                           "nothing to train. Use another ckpt_dir/output_dir (or resume=false) to train again.")
+    def _save_periodically(self, engine: Engine, saver: CheckpointSaver) -> None:
+        if not engine.has_event_handler(saver.interval_completed):
+            engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.save_interval), saver.interval_completed)
 
     def _export(self, engine: Engine) -> None:
         import ignite.distributed as idist
 
+        asked = iterations_asked(engine)
+        if asked is not None and engine.state.iteration < asked:  # terminate() also fires COMPLETED
+            logger.warning(f"training stopped at iteration {engine.state.iteration} of {asked}: {self.final_path} "
+                           f"not written; run again to continue from the checkpoints in {self.ckpt_dir}")
+            return
         if idist.get_rank() == 0:
             network = unwrap(self.objects[self.network_key])
             torch_save(network.state_dict(), self.final_path)

@@ -37,9 +37,10 @@ def pseudolabel_command(dataset_dir: str | Path, pseudolabel_dir: str | Path, ki
     """The ``fsmis`` arguments that create the pseudolabels (what :func:`ensure_pseudolabels` runs)."""
     if kind not in ("supervoxels", "superpixels"):
         raise ValueError(f"unknown pseudolabel kind {kind!r}; use 'supervoxels' or 'superpixels'")
-    args = [kind, "--src", str(dataset_dir), "--dst", str(pseudolabel_dir),
-            "--dataset", _CLI_DATASET[get_dataset(dataset).key], "--workers", str(int(workers))]
-    return args + (["--min-size", str(int(min_size))] if min_size is not None else [])
+    desc = get_dataset(dataset)
+    size = desc.pseudolabel_min_size(kind) if min_size is None else int(min_size)
+    return [kind, "--src", str(dataset_dir), "--dst", str(pseudolabel_dir), "--dataset", _CLI_DATASET[desc.key],
+            "--workers", str(int(workers)), "--min-size", str(size)]
 
 
 def ensure_pseudolabels(
@@ -54,8 +55,9 @@ def ensure_pseudolabels(
     """Make sure every ``image_<id>`` of ``dataset_dir`` has its pseudolabel in ``pseudolabel_dir``.
 
     Missing ones are made by ``fsmis supervoxels`` / ``fsmis superpixels`` (``min_size`` None: the
-    dataset's reference value); with ``generate=False`` the error names that command. Returns
-    ``pseudolabel_dir`` as a string (for bundle configs).
+    dataset's reference value, :meth:`DatasetDescriptor.pseudolabel_min_size`); with ``generate=False`` the
+    error names that command. Nothing is written into ``dataset_dir`` (it may be read-only) unless
+    ``pseudolabel_dir`` lies inside it. Returns ``pseudolabel_dir`` as a string (for bundle configs).
     """
     from fsmis_monai.cli import main as fsmis
 

@@ -36,7 +36,15 @@ class FewShotPrepareBatch(PrepareBatch):
 
     Batch shapes: support_images [B, K, C, H, W], support_masks [B, K, H, W], query_images [B, C, H, W],
     query_labels [B, H, W].
+
+    Tensors are copied to ``device`` in their stored dtype, then converted there: from a DataLoader with
+    ``pin_memory=True`` and a trainer with ``non_blocking=True`` the host-to-device copies are asynchronous
+    (a conversion on the host would make a new, unpinned tensor first). ``channels_last``: query images in
+    NHWC memory order, for a network converted with ``memory_format=torch.channels_last``.
     """
+
+    def __init__(self, channels_last: bool = False) -> None:
+        self.channels_last = bool(channels_last)
 
     def __call__(
         self,
@@ -59,7 +67,10 @@ class FewShotPrepareBatch(PrepareBatch):
             SUPPORT_MASKS: move(SUPPORT_MASKS, torch.float32),
             QUERY_LABELS: query_labels,
         }
-        return move(QUERY_IMAGES, torch.float32), query_labels, (), network_kwargs
+        query_images = move(QUERY_IMAGES, torch.float32)
+        if self.channels_last:
+            query_images = query_images.contiguous(memory_format=torch.channels_last)
+        return query_images, query_labels, (), network_kwargs
 
 
 class FewShotInferer(Inferer):

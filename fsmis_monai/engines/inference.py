@@ -1,12 +1,16 @@
 """Few-shot inference on a user's own volumes with MONAI's ``SupervisedEvaluator`` (a bundle's inference.json).
 
-The support set comes from an annotated NIfTI (image + label + class): its labelled slices are picked
+Every volume (support and queries) is prepared by the trained model's data contract
+(:mod:`fsmis_monai.data.contract`: orientation, spacing, label map, intensity, in-plane fit, the pipeline
+training and evaluation use), and predictions go back to each query file's own geometry with ``Invertd``
+(:func:`prediction_postprocessing`). The support set comes from an annotated NIfTI (image + label + class,
+by name or raw label value): its labelled slices are picked
 as the evaluation protocols pick them (the centres of ``n_support_slices`` equal parts of the organ,
 :func:`fsmis_monai.evaluation.protocols.fraction_picks`) and used together as a k-shot support.
 :class:`FewShotVolumeInferer` is a MONAI ``Inferer``: for every query volume it encodes the support with the
 network's current weights (so a ``CheckpointLoader`` that runs at ``STARTED`` is honoured) and segments
-each axial slice through the evaluation's slice inferer. The query keeps its MetaTensor geometry, so
-``SaveImaged`` writes the prediction on the query's grid.
+each axial slice through the evaluation's slice inferer. The query keeps its MetaTensor geometry and
+transform trace, so ``Invertd`` and ``SaveImaged`` write the prediction on the query file's grid.
 """
 
 from __future__ import annotations
@@ -19,11 +23,59 @@ import numpy as np
 import torch
 from monai.data import MetaTensor, NibabelWriter
 from monai.inferers import Inferer
-from monai.transforms import NormalizeIntensity
+from monai.transforms import (
+    AsDiscreted,
+    Compose,
+    Invertd,
+    KeepLargestConnectedComponentd,
+    RepeatChanneld,
+    SaveImaged,
+)
 from torch import nn
 
-from fsmis_monai.data.registry import get_dataset
-from fsmis_monai.io import FsmisInputError, atomic_path, load_nifti
+from fsmis_monai.data.contract import DataContract, build_pipeline, load_contract, loader, resolve_support_class
+from fsmis_monai.io import FsmisInputError, atomic_path
+
+
+def support_slices(
+    image: str | Path,
+    label: str | Path,
+    support_class: int | str,
+    n_support_slices: int = 1,
+    contract: Optional[DataContract] = None,
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Support images ``[K, 3, H, W]``, masks ``[K, H, W]`` and the picked slice indices (in the contract's
+    grid), from an annotated scan prepared by the data contract's pipeline (labels nearest, as training).
+
+    ``support_class``: a class name of the contract's dataset or a raw label value as stored in ``label``
+    (e.g. 200 for the released MS-CMRSeg myocardium); without a dataset (``contract.label_map`` None) any raw
+    value of the user's own masks (e.g. 255). Errors name the file, the values found and the classes known.
+    """
+    from fsmis_monai.evaluation.protocols import class_slices, fraction_picks
+
+    contract = contract if contract is not None else DataContract()
+    d = loader(["image", "label"])({"image": str(image), "label": str(label)})
+    if d["image"].ndim != 4 or d["label"].shape[1:] != d["image"].shape[1:]:
+        raise FsmisInputError(f"{label}: label shape {tuple(d['label'].shape[1:])} does not match image {image} "
+                              f"shape {tuple(d['image'].shape[1:])} (3D)")
+    d["label"].affine = d["image"].affine.clone()  # one grid: the image's
+    values = torch.unique(d["label"].as_tensor()).tolist()
+    kind, value = resolve_support_class(contract, support_class, label, values)
+    own = contract.label_map is None
+    out = build_pipeline(contract, "image", None if own else "label", ["label"] if own else [], load=False)(d)
+    mask = out["label"][0].as_tensor() == value
+    zs = class_slices(mask.numpy())
+    if zs.size == 0:  # the class vanished on the contract's grid (a sliver removed by resampling)
+        raise FsmisInputError(f"{label}: class {support_class!r} covers no voxel after resampling to the model's "
+                              f"grid (values found: {[int(v) for v in values]})")
+    if int(n_support_slices) > len(zs):
+        warnings.warn(f"{label}: {n_support_slices} support slices asked, class {support_class} is on {len(zs)} "
+                      f"slices; using those {len(zs)}")
+    picks = sorted({int(zs[i]) for i in fraction_picks(len(zs), min(int(n_support_slices), len(zs)))})
+    volume = out["image"][0].as_tensor()
+    images = torch.stack([volume[..., z] for z in picks])[:, None].repeat(1, 3, 1, 1)
+    masks = torch.stack([mask[..., z].float() for z in picks])
+    return images.float(), masks, picks
 
 
 def load_support(
@@ -32,31 +84,53 @@ def load_support(
     support_class: int | str,
     n_support_slices: int = 1,
     dataset: Optional[str] = None,
+    contract: Optional[DataContract] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Support images ``[K, 3, H, W]`` (volume z-score, channel repeated) and masks ``[K, H, W]`` picked from
-    an annotated scan. ``support_class`` is a label value, or a class name when ``dataset`` is given."""
-    from fsmis_monai.evaluation.protocols import class_slices, fraction_picks
+    """Support images ``[K, 3, H, W]`` and masks ``[K, H, W]`` (:func:`support_slices`). ``contract`` (the
+    trained model's) wins; without it, ``dataset``'s label map at the stored grid with a per-volume z-score."""
+    if contract is None:
+        contract = DataContract.for_dataset(dataset)
+    return support_slices(image, label, support_class, n_support_slices, contract)[:2]
 
-    img, _ = load_nifti(image, dtype=np.float32)
-    lab, _ = load_nifti(label)
-    if img.ndim != 3 or lab.shape != img.shape:
-        raise FsmisInputError(f"{label}: label shape {lab.shape} does not match image {image} shape {img.shape} (3D)")
-    if not np.all(np.isfinite(img)):
-        raise FsmisInputError(f"{image}: image contains NaN or infinite values")
-    c = get_dataset(dataset).class_id(support_class) if dataset is not None else int(support_class)
-    mask = lab == c
-    zs = class_slices(mask)
-    if zs.size == 0:
-        raise FsmisInputError(f"{label}: no voxel has label {c}; pick a class present in the support label "
-                              f"(values found: {np.unique(lab).tolist()})")
-    if int(n_support_slices) > len(zs):
-        warnings.warn(f"{label}: {n_support_slices} support slices asked, class {c} is on {len(zs)} slices; using "
-                      f"those {len(zs)}")
-    picks = sorted({int(zs[i]) for i in fraction_picks(len(zs), min(int(n_support_slices), len(zs)))})
-    volume = NormalizeIntensity()(torch.as_tensor(img)[None])[0]
-    images = torch.stack([volume[..., z] for z in picks])[:, None].repeat(1, 3, 1, 1)
-    masks = torch.stack([torch.as_tensor(mask[..., z], dtype=torch.float32) for z in picks])
-    return images.float(), masks
+
+def model_contract(ckpt_path: Optional[str | Path], dataset: Optional[str] = None,
+                   **defaults: Any) -> DataContract:
+    """The data contract saved beside ``ckpt_path``, reading label files of ``dataset`` (``None``: a user's
+    own masks, any raw value). Weights saved without a contract get the stored grid with ``defaults``
+    (e.g. ``normalization``), as inference worked before contracts."""
+    fallback = DataContract.for_dataset(dataset, **defaults)
+    contract = fallback if ckpt_path is None else load_contract(ckpt_path, default=fallback)
+    return contract.with_labels_of(dataset)
+
+
+def query_preprocessing(contract: DataContract, channels: int = 1) -> Compose:
+    """The query volumes' transforms: the contract's pipeline (:func:`build_pipeline`), the single channel
+    repeated to ``channels`` for networks that take 3 (a frozen bundle)."""
+    pipeline = build_pipeline(contract, "image")
+    return pipeline if channels == 1 else Compose([pipeline, RepeatChanneld("image", repeats=channels)])
+
+
+def prediction_postprocessing(preprocessing: Compose, output_dir: str | Path, output_postfix: str = "fewshot",
+                              keep_largest: bool = False, write_overlays: bool = True) -> Compose:
+    """``pred`` logits ``[2, H, W, D]`` on the network's grid -> argmax -> ``Invertd`` back to the query file's
+    own geometry (shape and affine of the input, nearest) -> optionally ``KeepLargestConnectedComponentd`` ->
+    NIfTI written atomically (``<name>_<postfix>.nii.gz``) -> overlay PNG (the image inverted too)."""
+    from fsmis_monai.transforms.overlays import SaveOverlayd
+
+    keys = ["pred", "image"] if write_overlays else ["pred"]
+    xforms: list = [
+        AsDiscreted("pred", argmax=True),
+        Invertd(keys, transform=preprocessing, orig_keys=["image"] * len(keys), nearest_interp=[True, False][:len(keys)],
+                to_tensor=True),
+    ]
+    if keep_largest:
+        xforms.append(KeepLargestConnectedComponentd("pred", applied_labels=[1]))
+    xforms.append(SaveImaged("pred", output_dir=str(output_dir), output_postfix=output_postfix,
+                             output_dtype=np.uint8, resample=False, separate_folder=False, print_log=False,
+                             writer=AtomicNibabelWriter))
+    if write_overlays:
+        xforms.append(SaveOverlayd(["image", "pred"], output_dir=output_dir, n_slices=3))
+    return Compose(xforms)
 
 
 def _source(tensor: torch.Tensor) -> str:

@@ -2,10 +2,11 @@
 pass, Dice accounting, reports and NIfTI predictions, resumable.
 
 For every (fold, query scan, class) the requested protocols are planned (:mod:`.protocols`); the union of
-their ``(support slices, query slice)`` pairs is predicted once (support encoded once per support group,
-query slices batched through :class:`.inferer.FewShotSliceInferer`) and each protocol reads its slices from
-that pass. Finished query scans are cached under ``<output_dir>/cases`` (written atomically after the
-scan's NIfTI and PNG outputs), so a restarted run skips them and ends with the same report.
+their ``(support slices, query slice)`` pairs over all classes is predicted in one pass per query scan
+(:func:`predict_query`): each query slice is encoded once for every class, support group and protocol,
+each support group once per fold, and each protocol reads its slices from that pass. Finished query scans
+are cached under ``<output_dir>/cases`` (written atomically after the scan's NIfTI and PNG outputs), so a
+restarted run skips them and ends with the same report.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from tqdm.auto import tqdm
 
 from fsmis_monai.data.datalist import ScanFiles, pair_scans
 from fsmis_monai.data.registry import DatasetDescriptor, get_dataset, get_fold
-from fsmis_monai.data.volumes import IntensityStats, intensity_stats, load_volumes
+from fsmis_monai.data.contract import NORMALIZATIONS, DataContract
+from fsmis_monai.data.volumes import IntensityStats, intensity_stats, load_volumes, volume_contract
 from fsmis_monai.evaluation.inferer import FewShotSliceInferer
 from fsmis_monai.evaluation.metrics import CaseResult, case_status, confusion_counts, dice_from_counts, summarize_cases
 from fsmis_monai.evaluation.protocols import ProtocolPlan, SupportGroup, check_protocols, make_plan, merge_requests
@@ -50,23 +52,24 @@ class Scan:
 
 
 def load_scan(files: ScanFiles, desc: DatasetDescriptor, normalization: Normalization = "volume",
-              stats: Optional[IntensityStats] = None) -> Scan:
-    """Read, check, remap and normalise a scan with the data layer's loader (the same as training uses).
+              stats: Optional[IntensityStats] = None, contract: Optional[DataContract] = None) -> Scan:
+    """Read, check, remap and normalise a scan with the data contract's pipeline, the one training and
+    inference use (:func:`fsmis_monai.data.contract.build_pipeline`).
 
-    ``volume``: z-score over the whole scan (ADNet, Q-Net, GMRD, PAMI, DIFD; SSL-ALPNet on MR);
-    ``global``: z-score with the training scans' ``stats`` (SSL-ALPNet on CT); ``slice_minmax``: each slice
-    scaled to [0, 1] (LSLPN); ``none``: stored intensities.
+    ``contract`` (the trained model's, :func:`fsmis_monai.data.contract.load_contract`) wins over
+    ``normalization``/``stats``, which describe a contract at the stored grid and size: ``volume``: z-score
+    over the whole scan (ADNet, Q-Net, GMRD, PAMI, DIFD; SSL-ALPNet on MR); ``global``: z-score with the
+    training scans' ``stats`` (SSL-ALPNet on CT); ``slice_minmax``: each slice scaled to [0, 1] (LSLPN);
+    ``none``: stored intensities.
     """
     if files.label is None:
         raise FsmisInputError(f"{files.image}: no label file; evaluation needs label_{files.scan_id}")
-    if normalization not in ("volume", "global", "slice_minmax", "none"):
-        raise ValueError(f"unknown normalization {normalization!r}; use volume, global, slice_minmax or none")
-    base = "none" if normalization == "slice_minmax" else normalization
-    vol = load_volumes([files], desc, normalization=base, stats=stats)[0]
+    if contract is None:
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"unknown normalization {normalization!r}; use volume, global, slice_minmax or none")
+        contract = volume_contract(desc, normalization, stats)
+    vol = load_volumes([files], desc, contract=contract)[0]
     image = vol.image.transpose(1, 2, 0)  # [Z, X, Y] -> [X, Y, Z] view
-    if normalization == "slice_minmax":
-        lo, hi = image.min(axis=(0, 1)), image.max(axis=(0, 1))
-        image = ((image - lo) / np.maximum(hi - lo, 1e-8)).astype(np.float32)
     return Scan(files.scan_id, image, vol.label.transpose(1, 2, 0), vol.affine, Path(files.image))
 
 
@@ -90,30 +93,42 @@ def _support_tensors(support_image: torch.Tensor, support_mask: np.ndarray, grou
     return images, masks
 
 
-def predict_pass(
+ClassGroup = tuple[int, SupportGroup]  # (class, support slices): one support state
+
+
+def predict_query(
     model: torch.nn.Module,
     inferer: FewShotSliceInferer,
     query_image: torch.Tensor,
     support_image: torch.Tensor,
-    support_mask: np.ndarray,
-    requests: dict[SupportGroup, list[int]],
+    support_labels: np.ndarray,
+    requests: dict[ClassGroup, list[int]],
     on_batch=None,
-    states: Optional[dict[SupportGroup, Any]] = None,
-) -> dict[SupportGroup, dict[int, np.ndarray]]:
-    """The shared pass: for each support group, encode it once and segment its query slices (argmax).
+    states: Optional[dict[int, dict[SupportGroup, Any]]] = None,
+) -> dict[ClassGroup, dict[int, np.ndarray]]:
+    """The shared pass of one query scan: binary predictions {(class, support group): {z: [X, Y] bool}}.
 
-    ``states`` caches the encoded support groups of one (support scan, class) across query scans: the
-    support slices a protocol picks depend only on the support scan, so a fold encodes each group once.
+    Each requested query slice is encoded once, whatever the classes, support groups and protocols asking
+    for it (:meth:`.inferer.FewShotSliceInferer.segment_shared`), and segmented against the support state of
+    every (class, group) that asks for it. ``support_labels`` is the support scan's label volume; a group is
+    encoded (``encode_support``) the first time a slice needs it, into ``states[class][group]``, which may
+    be kept across the query scans of a fold: the support slices a protocol picks depend only on the
+    support scan, so a fold encodes each group once.
     """
     states = {} if states is None else states
-    out: dict[SupportGroup, dict[int, np.ndarray]] = {}
-    for group, zs in requests.items():
-        if group not in states:
-            states[group] = inferer.encode(model, *_support_tensors(support_image, support_mask, group))
-        logits = inferer(model, query_image[..., zs], states[group], on_batch=on_batch)  # [2, X, Y, n]
-        labels = (logits[1] > logits[0]).numpy()  # argmax over (bg, fg); a tie goes to background like argmax
-        out[group] = {z: labels[..., i] for i, z in enumerate(zs)}
-    return out
+
+    def state_of(key: ClassGroup):
+        c, group = key
+        cache = states.setdefault(c, {})
+        if group not in cache:
+            cache[group] = inferer.encode(model, *_support_tensors(support_image, support_labels == c, group))
+        return cache[group]
+
+    def labels(logits: torch.Tensor) -> torch.Tensor:
+        return logits[:, 1] > logits[:, 0]  # argmax over (bg, fg); a tie goes to background like argmax
+
+    out = inferer.segment_shared(model, query_image, requests, state_of, postprocess=labels, on_batch=on_batch)
+    return {key: {z: out[key][i].numpy() for i, z in enumerate(zs)} for key, zs in requests.items()}
 
 
 def assemble(plan: ProtocolPlan, predictions: dict[SupportGroup, dict[int, np.ndarray]], shape: tuple[int, ...]) -> np.ndarray:
@@ -240,7 +255,7 @@ class FewShotEvaluator:
                 stats = intensity_stats([files[i] for i in train_ids])
             support = load_scan(files[support_id], self.desc, self.normalization, stats)
             support_image = to_channels(support.image)
-            self._states: dict[int, dict] = {c: {} for c in self.classes}  # encoded support groups per class
+            self._states: dict[int, dict] = {}  # encoded support groups per class, kept for the fold
             fold_cases: list[CaseResult] = []
             for n, qid in enumerate(query_ids):
                 cached = self._cached(f, qid)
@@ -286,19 +301,19 @@ class FewShotEvaluator:
                         out_dir: Optional[Path], overlays: bool) -> list[CaseResult]:
         query_image = to_channels(query.image)
         plans: dict[int, dict[str, ProtocolPlan]] = {}
-        requests: dict[int, dict[SupportGroup, list[int]]] = {}
+        requests: dict[ClassGroup, list[int]] = {}
         for c in self.classes:
             plans[c] = {p: make_plan(p, query.label == c, support.label == c, faithful=self.faithful,
                                      **self.protocol_options.get(p, {})) for p in self.protocols}
-            requests[c] = merge_requests(list(plans[c].values()))
-        total = sum(len(zs) for r in requests.values() for zs in r.values())
+            requests.update({(c, g): zs for g, zs in merge_requests(list(plans[c].values())).items()})
+        total = sum(len(zs) for zs in requests.values())
         rows: list[CaseResult] = []
         with tqdm(total=total, desc=f"fold {fold} query {query.scan_id}", unit="slice",
                   disable=not self.progress, leave=False) as bar:
+            shared = predict_query(self.model, self.inferer, query_image, support_image, support.label, requests,
+                                   on_batch=bar.update, states=self._states if self.cache_support else None)
             for c in self.classes:
-                preds = predict_pass(self.model, self.inferer, query_image, support_image, support.label == c,
-                                     requests[c], on_batch=bar.update,
-                                     states=self._states[c] if self.cache_support else None)
+                preds = {g: shared[(k, g)] for k, g in requests if k == c}
                 truth = query.label == c
                 written: dict[bytes, Path] = {}
                 volumes = {}
@@ -306,7 +321,7 @@ class FewShotEvaluator:
                     vol = assemble(plan, preds, query.label.shape)
                     volumes[p] = vol
                     tp, fp, fn = confusion_counts(vol, truth, plan.scored)
-                    status = case_status(tp, fn)
+                    status = case_status(tp, fn, fp, p)
                     dice = dice_from_counts(tp, fp, fn, plan.dice_smooth) if status == "ok" else float("nan")
                     rows.append(CaseResult(fold, query.scan_id, support.scan_id, c, self.desc.class_name(c), p, dice,
                                            tp, fp, fn, int(plan.scored.sum()), int(plan.predicted.sum()), status))
@@ -357,7 +372,9 @@ def evaluate(
     Further options: see :class:`FewShotEvaluator` (``classes``, ``query_ids``, ``support_id``,
     ``normalization``, ``global_stats``, ``faithful``, ``protocol_options``, ``save_predictions``,
     ``overlay_slices``, ``resume``, ``progress``, ``cache_support``: keep each fold's encoded support
-    groups for all its query scans; turn off for methods whose support state is large).
+    groups for all its query scans; turn off for methods whose support state is large, then a query scan's
+    groups, of all classes, are kept only while that scan is segmented). Each query slice is encoded once
+    for all classes, support groups and protocols (methods implementing ``encode_query``).
     """
     evaluator = FewShotEvaluator(model, dataset_dir, dataset=dataset, family=family, protocols=protocols,
                                  output_dir=output_dir, device=device, sw_batch_size=sw_batch_size, **options)

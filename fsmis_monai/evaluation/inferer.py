@@ -5,6 +5,10 @@ The support set is encoded once (``method.encode_support``) and bound to the net
 network except ``condition``, so the support state cannot travel as an argument. Query slices go through
 ``method.segment`` ``sw_batch_size`` at a time (1 when the method sets ``requires_single_query = True``).
 
+:meth:`FewShotSliceInferer.segment_shared` serves many support states on one query stack: each query slice
+is encoded once (``method.encode_query``) and its features segmented against every state that asks for it
+(``method.segment_encoded``), chunk by chunk.
+
 Everything runs under :func:`torch.inference_mode`, except for methods that set
 ``test_time_grad = True`` (test-time optimisation such as Q-Net's prototype refinement), which run under
 :func:`torch.no_grad` so that they may re-enable gradients inside ``segment``.
@@ -13,7 +17,7 @@ Everything runs under :func:`torch.inference_mode`, except for methods that set
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Optional
+from typing import Callable, Dict, Hashable, Mapping, Optional, Sequence
 
 import torch
 from monai.inferers import SliceInferer
@@ -110,6 +114,53 @@ class FewShotSliceInferer:
         with inference_context(method):
             out = inferer(queries[None].to(self._dtype(method)), network)
         return out[0]
+
+    def segment_shared(
+        self,
+        method: FewShotSegmenter,
+        queries: torch.Tensor,
+        requests: Mapping[Hashable, Sequence[int]],
+        state_of: Callable[[Hashable], SupportState],
+        postprocess: Callable[[torch.Tensor], torch.Tensor] = lambda logits: logits,
+        on_batch: Optional[Callable[[int], None]] = None,
+    ) -> Dict[Hashable, torch.Tensor]:
+        """Segment many (support state, query slices) requests on one query stack, encoding each slice once.
+
+        ``queries`` [C, H, W, D]; ``requests`` {key: slice indices z}; ``state_of(key)`` gives the support state
+        of a key (called when a chunk first needs it; the caller caches). The union of the requested slices is
+        encoded ``sw_batch_size`` at a time (``method.encode_query``) and each chunk's features are segmented
+        (``method.segment_encoded``) against every key that asks for slices of the chunk, so only one chunk
+        of features is alive at a time. Returns {key: ``postprocess(logits)`` stacked along dim 0, in the
+        order of ``requests[key]``, on the CPU}; ``postprocess`` maps logits [n, 2, H, W] to [n, ...] (e.g.
+        the argmax), so the full logits of the whole stack are never held.
+
+        Hand-written rather than through MONAI's ``SliceInferer``: that runs one network per call, and here
+        one encoded chunk serves several support states.
+        """
+        if queries.dim() != 4:
+            raise ValueError(f"queries must be [C, H, W, D], got shape {tuple(queries.shape)}")
+        dev, dtype = self._device(method), self._dtype(method)
+        stack = queries.movedim(self.spatial_dim + 1, 0)  # [D, C, H, W] view
+        wanted = sorted({int(z) for zs in requests.values() for z in zs})
+        position = {key: {int(z): i for i, z in enumerate(zs)} for key, zs in requests.items()}
+        pieces: Dict[Hashable, list] = {key: [None] * len(zs) for key, zs in requests.items()}
+        step = effective_batch_size(method, self.sw_batch_size)
+        with inference_context(method):
+            for start in range(0, len(wanted), step):
+                chunk = wanted[start : start + step]
+                at = {z: i for i, z in enumerate(chunk)}
+                features = method.encode_query(stack[chunk].to(dev, dtype))
+                for key, zs in requests.items():
+                    mine = [z for z in position[key] if z in at]
+                    if not mine:
+                        continue
+                    out = postprocess(method.segment_encoded(features.rows([at[z] for z in mine]), state_of(key))).cpu()
+                    for z, piece in zip(mine, out):
+                        pieces[key][position[key][z]] = piece
+                    if on_batch is not None:
+                        on_batch(len(mine))
+                del features
+        return {key: torch.stack(p) if p else torch.zeros(0) for key, p in pieces.items()}
 
     def segment_stack(self, method: FewShotSegmenter, queries: torch.Tensor, support_images: torch.Tensor,
                       support_masks: torch.Tensor, on_batch: Optional[Callable[[int], None]] = None) -> torch.Tensor:

@@ -6,9 +6,17 @@ come from MONAI's :func:`~monai.metrics.get_confusion_matrix` and the Dice from 
 (:func:`~monai.metrics.compute_confusion_matrix_metric`), which is the same quantity. Class Dice = mean
 over query scans, protocol Dice = mean over classes, folds = mean and standard deviation of those.
 
-A case whose scored slices hold no ground truth has no defined Dice: it is reported with
-``status="empty_ground_truth"`` (and its FP count), ``dice`` is NaN and it is left out of the means and
-counted separately, never averaged silently.
+Which cases have a Dice:
+
+- whole-volume protocols (``whole``, ``ep2``: every query slice predicted and scored): a query volume without
+  the class on which the network predicts false positives scores 2TP / (2TP + FP + FN) = 0 and is averaged
+  like any case (as ADNet scores EP2: the Dice of the volume, methods.md 3.2). Only a volume with neither
+  ground truth nor prediction is undefined.
+- oracle protocols (``alp``, ``ep1``, ``senet``: only the organ's slices are scored): a query without the class
+  gives nothing to score, so its Dice is undefined.
+
+An undefined case is reported with ``status="empty_ground_truth"`` (and its FP count), ``dice`` is NaN and
+it is left out of the means and counted separately, never averaged silently.
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 from monai.metrics import compute_confusion_matrix_metric, get_confusion_matrix
+
+from fsmis_monai.evaluation.protocols import ORACLE_PROTOCOLS
 
 STATUS_OK = "ok"
 STATUS_EMPTY = "empty_ground_truth"
@@ -74,8 +84,13 @@ def dice_from_counts(tp: int, fp: int, fn: int, smooth: float = 0.0) -> float:
     return float(compute_confusion_matrix_metric("f1 score", cm)[0])
 
 
-def case_status(tp: int, fn: int) -> str:
-    return STATUS_OK if tp + fn > 0 else STATUS_EMPTY
+def case_status(tp: int, fn: int, fp: int = 0, protocol: str | None = None) -> str:
+    """``"ok"`` when the case has a Dice: ground truth on the scored slices, or (whole-volume protocols,
+    ``protocol`` not an oracle one) a prediction there; else ``"empty_ground_truth"`` (see the module docstring)."""
+    if tp + fn > 0:
+        return STATUS_OK
+    whole_volume = protocol is not None and protocol not in ORACLE_PROTOCOLS
+    return STATUS_OK if whole_volume and fp > 0 else STATUS_EMPTY
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:

@@ -24,7 +24,9 @@ Protocols (``../shared/reference/methods.md`` section 3; z is the last array axi
   ``z / (Z_q - 1)``. This is the number a user segmenting a new scan gets.
 
 A query scan without the class gives the oracle protocols (``alp``, ``ep1``, ``senet``) nothing to predict
-or score (the references crash there); the evaluator reports such cases as empty ground truth.
+or score (the references crash there); the evaluator reports such cases as empty ground truth. Under
+``whole`` and ``ep2`` its false positives score Dice 0 and the case is averaged; only a volume with neither
+ground truth nor prediction is undefined (:mod:`.metrics`).
 
 ``faithful=True`` reproduces the released reference behaviour where it is a bug (methods.md 8.17): the
 SENet organ range drops the scan's last slice and the last organ slice, an empty support chunk is an error

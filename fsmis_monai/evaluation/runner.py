@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from fsmis_monai.evaluation.evaluator import DEFAULT_PROTOCOLS, evaluate
-from fsmis_monai.io import FsmisInputError, state_dict_from_checkpoint, torch_load
+from fsmis_monai.networks.layout import load_weights
 
 logger = logging.getLogger(__name__)
 
@@ -23,13 +23,7 @@ UNTRAINED_WARNING = "no checkpoint given: evaluating the UNTRAINED network (its 
 
 def load_checkpoint(network: nn.Module, ckpt_path: str | Path) -> nn.Module:
     """Load ``ckpt_path`` (a state dict, or a dict wrapping one under model/network/state_dict) strictly."""
-    state = state_dict_from_checkpoint(torch_load(ckpt_path))
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-    try:
-        network.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise FsmisInputError(f"{ckpt_path}: does not fit the {type(network).__name__} network: {e}") from e
-    return network
+    return load_weights(network, ckpt_path)  # layout record checked (fsmis_monai.networks.layout)
 
 
 def build_model(method: str | nn.Module, ckpt_path: Optional[str | Path] = None,

@@ -9,7 +9,9 @@ each with the reason. A key that no rule or drop recognises is *unknown*.
 DataParallel ``module.`` prefixes), checks that the checkpoint is one of the requested method (every rule of
 its layout used, no key that only another method's layout knows), renames, checks every shape against the
 method built at the paper layout (:func:`~fsmis_monai.networks.methods.build_method`, on the ``meta`` device,
-so nothing is computed), and returns the new state dict with a :class:`ImportReport`.
+so nothing is computed), and returns the new state dict with a :class:`ImportReport`. The state dict carries
+the layout record of the target network (:mod:`fsmis_monai.networks.layout`; ``faithful=True``: the
+reference's encoder layout too), so it loads only into a network of that layout.
 """
 
 from __future__ import annotations
@@ -151,9 +153,13 @@ def _difd_rules(faithful: bool) -> Tuple[Rule, ...]:
 
 
 def _lslpn_notes(keys: Sequence[str], faithful: bool) -> List[str]:
+    if faithful:
+        return []
     return [
-        "the released ResNet-50 is Caffe-style (layer2's stride on its 1x1 conv, ceil-mode max pool): for the "
-        "released weights build the encoder as LSLPNResNet50Encoder(faithful=True)"
+        "the released ResNet-50 is Caffe-style (layer2's stride on its 1x1 conv, ceil-mode max pool) and these "
+        "weights were converted onto the torchvision layout: to reproduce the released outputs convert with "
+        "--faithful and run the bundle with faithful=true (the file records its layout; loading it into the "
+        "other one is refused)"
     ]
 
 
@@ -214,9 +220,14 @@ class ImportReport:
     unknown: List[str] = field(default_factory=list)
     initialised: List[str] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
+    layout: Dict[str, Any] = field(default_factory=dict)
 
     def lines(self) -> List[str]:
         out = [f"{self.source} -> {self.method}: {len(self.mapped)} tensors mapped"]
+        if self.layout:
+            from fsmis_monai.networks.layout import describe
+
+            out.append(f"layout recorded in the file: {describe(self.layout)}")
         reasons: Dict[str, List[str]] = {}
         for key, why in self.dropped.items():
             reasons.setdefault(why, []).append(key)
@@ -250,13 +261,17 @@ def identify(keys: Sequence[str]) -> List[str]:
     return [m for m, lay in LAYOUTS.items() if all(lay.recognises(k) for k in keys) and not lay.unused_rules(keys)]
 
 
-def target_shapes(method: str, faithful: bool = False, **method_kwargs: Any) -> Dict[str, Tuple[int, ...]]:
-    """Names and shapes of ``build_method(method, faithful=..., **method_kwargs)``'s state dict, built on the
-    meta device (no memory, no compute)."""
+def target_network(method: str, faithful: bool = False, **method_kwargs: Any) -> torch.nn.Module:
+    """``build_method(method, faithful=..., **method_kwargs)`` on the meta device (no memory, no compute)."""
     from fsmis_monai.networks.methods import build_method
 
     with torch.device("meta"):
-        net = build_method(method, faithful=faithful, **method_kwargs)
+        return build_method(method, faithful=faithful, **method_kwargs)
+
+
+def target_shapes(method: str, faithful: bool = False, **method_kwargs: Any) -> Dict[str, Tuple[int, ...]]:
+    """Names and shapes of :func:`target_network`'s state dict."""
+    net = target_network(method, faithful, **method_kwargs)
     return {k: tuple(v.shape) for k, v in net.state_dict().items()}
 
 
@@ -282,7 +297,8 @@ def convert_state_dict(
             + (f" (no tensors named {missing_rules[:4]})" if missing_rules else "")
             + (f"; convert it with --method {others[0]}" if others else "")
         )
-    shapes = target_shapes(method, faithful, **method_kwargs)
+    network = target_network(method, faithful, **method_kwargs)
+    shapes = {k: tuple(v.shape) for k, v in network.state_dict().items()}
     converted: Dict[str, torch.Tensor] = {}
     mismatched = []
     for key, value in state.items():
@@ -322,7 +338,11 @@ def convert_state_dict(
 
         fresh = build_method(method, faithful=faithful, **method_kwargs).state_dict()
         converted.update({k: fresh[k] for k in report.initialised})
-    return {k: converted[k] for k in shapes}, report
+    # the target's layout record (method, encoder layout, shape switches) travels in the state dict's metadata
+    from fsmis_monai.networks.layout import network_layout, with_layout
+
+    report.layout = network_layout(network)
+    return with_layout({k: converted[k] for k in shapes}, network), report
 
 
 def convert_checkpoint(

@@ -4,13 +4,16 @@
 - ``"down3"``: coarse features at stride 8 (ALP/ADNet layout: 256 ch at 32x32; Q-Net layout: 512 ch);
 - ``"tau"``: a per-image scalar [N] (Q-Net's query-informed threshold head), where the layout has one.
 
-``encoder.out_channels`` gives the channel count of the feature outputs, so methods never hard-code it.
-:func:`build_encoder` creates one by name and loads pretrained weights from a local checkpoint, reporting
-which tensors matched.
+``encoder.out_channels`` gives the channel count of the feature outputs, so methods never hard-code it, and
+``encoder.layout`` names the arrangement of its layers (strides, pooling) that a checkpoint was trained with
+(recorded in every saved checkpoint, see :mod:`fsmis_monai.networks.layout`). :func:`build_encoder` creates one
+by name (``faithful=True`` selects the reference repository's layout where it differs from ours) and loads
+pretrained weights from a local checkpoint, reporting which tensors matched.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import re
@@ -31,6 +34,8 @@ class SmallEncoder(nn.Module):
 
     For tests, the quickstart and CPU training budgets: a few MONAI residual units, no pretraining.
     """
+
+    layout = "small"
 
     def __init__(self, in_channels: int = 3, channels: int = 64, width: int = 32) -> None:
         super().__init__()
@@ -84,6 +89,7 @@ class DeepLabV3ResNet101Encoder(nn.Module):
 
     arch = "resnet101"
     torchvision_default = "coco"
+    layout = "torchvision"  # the reference's own (torchvision DeepLabV3 backbone): no faithful variant
 
     def __init__(self, out_channels: int = 256) -> None:
         super().__init__()
@@ -113,6 +119,7 @@ class QNetResNet101Encoder(nn.Module):
 
     arch = "resnet101"
     torchvision_default = "coco"
+    layout = "torchvision"  # the reference's own (QN:models/encoder.py, torchvision resnet101): no faithful variant
 
     def __init__(self, out_channels: int = 512) -> None:
         super().__init__()
@@ -141,17 +148,22 @@ class LSLPNResNet50Encoder(nn.Module):
     Built on torchvision's ResNet-50 so ImageNet weights load by name. Every layer3 block uses dilation 2, as
     the reference does. ``faithful=True`` also reproduces the reference's Caffe-style blocks (stride on the 1x1
     conv of layer2's first block rather than on its 3x3 conv, the layout torchvision's ImageNet weights were
-    trained with) and its ceil-mode max pool (65^2 instead of 64^2 features for a 512^2 input).
+    trained with) and its ceil-mode max pool (65^2 instead of 64^2 features for a 512^2 input), from
+    ``LS:code/models/resnet.py``; ``layout`` is then ``"caffe"`` instead of ``"torchvision"``. Parameter names
+    and shapes are the same in both layouts, so only the recorded layout tells their checkpoints apart.
     """
 
     arch = "resnet50"
     torchvision_default = "imagenet"
+    faithful_layout = "caffe"
 
     def __init__(self, out_channels: int = 256, faithful: bool = False, dropout: float = 0.5) -> None:
         super().__init__()
         from torchvision.models import resnet50
 
         self.out_channels = out_channels
+        self.faithful = faithful
+        self.layout = self.faithful_layout if faithful else "torchvision"
         self.backbone = resnet50(weights=None, replace_stride_with_dilation=[False, True, False])
         del self.backbone.layer4, self.backbone.avgpool, self.backbone.fc
         first = self.backbone.layer3[0].conv2  # torchvision keeps dilation 1 in the first dilated block
@@ -309,11 +321,30 @@ def load_pretrained_weights(
     return report
 
 
-def build_encoder(name: str, pretrained_weights: "str | os.PathLike[str] | None" = None, **kwargs: Any) -> nn.Module:
+def encoder_name(encoder: nn.Module) -> str:
+    """The registry name of ``encoder``'s class (its class name when it is not registered)."""
+    return next((n for n, cls in ENCODERS.items() if type(encoder) is cls), type(encoder).__name__)
+
+
+def has_faithful_layout(name: str) -> bool:
+    """Whether the encoder registered as ``name`` has a reference layout of its own (a ``faithful`` switch)."""
+    return "faithful" in inspect.signature(ENCODERS[name]).parameters
+
+
+def build_encoder(
+    name: str, pretrained_weights: "str | os.PathLike[str] | None" = None, faithful: bool = False, **kwargs: Any
+) -> nn.Module:
     """Create the encoder registered as ``name`` (see :data:`ENCODERS`) and optionally load weights into it
-    (:func:`load_pretrained_weights`; the report is kept as ``encoder.weight_report``)."""
+    (:func:`load_pretrained_weights`; the report is kept as ``encoder.weight_report``).
+
+    ``faithful=True`` builds the reference repository's layout for encoders that have one of their own
+    (``lslpn_resnet50``: the Caffe-style ResNet-50 of ``LS:code/models/resnet.py``); the other registered
+    encoders already are the references' layout and ignore it.
+    """
     if name not in ENCODERS:
         raise ValueError(f"unknown encoder {name!r}; known: {sorted(ENCODERS)}")
+    if has_faithful_layout(name):
+        kwargs["faithful"] = faithful
     encoder = ENCODERS[name](**kwargs)
     encoder.weight_report = None
     if pretrained_weights is not None:

@@ -17,9 +17,11 @@ from fsmis_monai.losses import prototype_alignment_loss, threshold_loss, weighte
 from fsmis_monai.networks.methods.base import (
     FewShotOutput,
     FewShotSegmenter,
+    QueryFeatures,
     SupportState,
     check_support,
     encode_episodes,
+    encoder_features,
     resolve_encoder,
 )
 from fsmis_monai.networks.prototypes import (
@@ -61,7 +63,7 @@ class ADNet(FewShotSegmenter):
         threshold_loss_weight: float = 1.0,
     ) -> None:
         super().__init__()
-        self.encoder = resolve_encoder(encoder, pretrained_weights)
+        self.encoder = resolve_encoder(encoder, pretrained_weights, faithful)
         self.faithful = faithful
         self.feature_key = feature_key
         self.threshold = nn.Parameter(torch.tensor([float(threshold_init)]))
@@ -85,9 +87,11 @@ class ADNet(FewShotSegmenter):
         check_support(support_images, support_masks)
         return {"prototype": self._prototype(self.encoder(support_images)[self.feature_key], support_masks)}
 
-    def segment(self, query_images: torch.Tensor, state: SupportState) -> torch.Tensor:
-        features = self.encoder(query_images)[self.feature_key]
-        return self._logits(self.probability(features, state["prototype"]), tuple(query_images.shape[-2:]))
+    def encode_query(self, query_images: torch.Tensor) -> QueryFeatures:
+        return encoder_features(self.encoder, query_images, (self.feature_key,))
+
+    def segment_encoded(self, features: QueryFeatures, state: SupportState) -> torch.Tensor:
+        return self._logits(self.probability(features[self.feature_key], state["prototype"]), features.image_size)
 
     def forward(self, support_images, support_masks, query_images, query_labels=None) -> FewShotOutput:
         support_out, query_out = encode_episodes(self.encoder, support_images, query_images)

@@ -18,9 +18,11 @@ from fsmis_monai.losses import prototype_alignment_loss, weighted_cross_entropy
 from fsmis_monai.networks.methods.base import (
     FewShotOutput,
     FewShotSegmenter,
+    QueryFeatures,
     SupportState,
     check_support,
     encode_episodes,
+    encoder_features,
     resolve_encoder,
 )
 from fsmis_monai.networks.prototypes import grid_prototypes, masked_average_pooling, resize_to, softmax_weighted_score
@@ -62,7 +64,7 @@ class ALPNet(FewShotSegmenter):
         norm_eps: float = 1e-4,
     ) -> None:
         super().__init__()
-        self.encoder = resolve_encoder(encoder, pretrained_weights)
+        self.encoder = resolve_encoder(encoder, pretrained_weights, faithful)
         self.faithful = faithful
         self.feature_key = feature_key
         self.train_window, self.test_window = train_window, test_window
@@ -106,9 +108,11 @@ class ALPNet(FewShotSegmenter):
         features = self.encoder(support_images)[self.feature_key]
         return self._support_state(features, support_masks, self._window())
 
-    def segment(self, query_images: torch.Tensor, state: SupportState) -> torch.Tensor:
-        features = self.encoder(query_images)[self.feature_key]
-        return resize_to(self.scores(features, state), tuple(query_images.shape[-2:]), align_corners=False)
+    def encode_query(self, query_images: torch.Tensor) -> QueryFeatures:
+        return encoder_features(self.encoder, query_images, (self.feature_key,))
+
+    def segment_encoded(self, features: QueryFeatures, state: SupportState) -> torch.Tensor:
+        return resize_to(self.scores(features[self.feature_key], state), features.image_size, align_corners=False)
 
     def forward(self, support_images, support_masks, query_images, query_labels=None) -> FewShotOutput:
         support_out, query_out = encode_episodes(self.encoder, support_images, query_images)

@@ -50,9 +50,11 @@ from fsmis_monai.losses.boundary import BoundaryF1Loss
 from fsmis_monai.networks.methods.base import (
     FewShotOutput,
     FewShotSegmenter,
+    QueryFeatures,
     SupportState,
     check_support,
     encode_episodes,
+    encoder_features,
     resolve_encoder,
 )
 from fsmis_monai.networks.prototypes import MAP_EPS, binary_labels, masked_average_pooling, probability_nll, resize_to
@@ -98,7 +100,7 @@ def random_boxes(height: int, width: int, n: int, generator: torch.Generator, as
 
 def window_rows(start: torch.Tensor, stop: torch.Tensor, size: int, dtype=torch.float32) -> torch.Tensor:
     """[n, size] indicator of the intervals [start, stop)."""
-    idx = torch.arange(size)
+    idx = torch.arange(size, device=start.device)
     return ((idx >= start[:, None]) & (idx < stop[:, None])).to(dtype)
 
 
@@ -158,7 +160,8 @@ class DualInterspersion(nn.Module):
     def boxes(self, features, mask, n_fg, n_bg, generator: torch.Generator):
         """Random-box prototypes: (fg [a, C], bg [b, C]) masked averages of the boxes that pass the tests."""
         height, width = mask.shape
-        boxes = random_boxes(height, width, self.n_boxes, generator)
+        # drawn on the CPU generator (same boxes on every device), then moved to the mask's device
+        boxes = random_boxes(height, width, self.n_boxes, generator).to(mask.device)
         rows = window_rows(boxes[:, 0], boxes[:, 2], height, mask.dtype)  # [n, H]
         cols = window_rows(boxes[:, 1], boxes[:, 3], width, mask.dtype)  # [n, W]
         area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).to(mask.dtype)
@@ -257,7 +260,7 @@ class DIFD(FewShotSegmenter):
         n_boxes: int = 100,
     ) -> None:
         super().__init__()
-        self.encoder = resolve_encoder(encoder, pretrained_weights)
+        self.encoder = resolve_encoder(encoder, pretrained_weights, faithful)
         self.feature_key = feature_key
         self.faithful = faithful
         self.decoder_inputs = decoder_inputs or ("released" if faithful else "intended")
@@ -350,10 +353,12 @@ class DIFD(FewShotSegmenter):
             state["bases"], features, state["features"], state["masks"], tau, state["tau"], state["image_size"]
         )
 
-    def segment(self, query_images: torch.Tensor, state: SupportState) -> torch.Tensor:
-        enc = self.encoder(query_images)
-        state = {**state, "image_size": tuple(query_images.shape[-2:])}  # logits at the query's size, not the support's
-        return self.query_logits(enc[self.feature_key], enc["tau"], state)
+    def encode_query(self, query_images: torch.Tensor) -> QueryFeatures:
+        return encoder_features(self.encoder, query_images, (self.feature_key, "tau"))
+
+    def segment_encoded(self, features: QueryFeatures, state: SupportState) -> torch.Tensor:
+        state = {**state, "image_size": tuple(features.image_size)}  # logits at the query's size, not the support's
+        return self.query_logits(features[self.feature_key], features["tau"], state)
 
     # -- training --------------------------------------------------------------------------------------
     def alignment_losses(self, state: SupportState, qry: torch.Tensor, qry_tau: torch.Tensor, logits: torch.Tensor):

@@ -38,9 +38,11 @@ from torch import nn
 from fsmis_monai.networks.methods.base import (
     FewShotOutput,
     FewShotSegmenter,
+    QueryFeatures,
     SupportState,
     check_support,
     encode_episodes,
+    encoder_features,
     resolve_encoder,
 )
 from fsmis_monai.networks.prototypes import (
@@ -193,7 +195,7 @@ class GMRD(FewShotSegmenter):
         eval_seed: int = 2025,
     ) -> None:
         super().__init__()
-        self.encoder = resolve_encoder(encoder, pretrained_weights)
+        self.encoder = resolve_encoder(encoder, pretrained_weights, faithful)
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
         if len(size) != 2:
             raise ValueError(f"image_size must be an int or (H, W), got {image_size!r}")
@@ -276,9 +278,11 @@ class GMRD(FewShotSegmenter):
             return foreground_probability_to_logits(resize_to(p[:, None], tuple(size))[:, 0])
         return self.mamp_logits(features, state["fg"], state["bg"], size)
 
-    def segment(self, query_images: torch.Tensor, state: SupportState) -> torch.Tensor:
-        enc = self.encoder(query_images)
-        return self.query_logits(enc[self.feature_key], enc["tau"], state)
+    def encode_query(self, query_images: torch.Tensor) -> QueryFeatures:
+        return encoder_features(self.encoder, query_images, (self.feature_key, "tau"))
+
+    def segment_encoded(self, features: QueryFeatures, state: SupportState) -> torch.Tensor:
+        return self.query_logits(features[self.feature_key], features["tau"], state)
 
     # -- training --------------------------------------------------------------------------------------
     def alignment_losses(

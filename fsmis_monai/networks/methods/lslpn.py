@@ -30,9 +30,11 @@ from torch import nn
 from fsmis_monai.networks.methods.base import (
     FewShotOutput,
     FewShotSegmenter,
+    QueryFeatures,
     SupportState,
     check_support,
     encode_episodes,
+    encoder_features,
     resolve_encoder,
 )
 from fsmis_monai.networks.prototypes import MAP_EPS, _interpolation_matrix, masked_average_pooling, resize_to
@@ -117,7 +119,7 @@ class LSLPN(FewShotSegmenter):
         faithful: bool = False,
     ) -> None:
         super().__init__()
-        self.encoder = resolve_encoder(encoder, pretrained_weights)
+        self.encoder = resolve_encoder(encoder, pretrained_weights, faithful)
         self.feature_key = feature_key
         self.n_grid = n_grid
         self.overlap = overlap
@@ -210,11 +212,14 @@ class LSLPN(FewShotSegmenter):
             return best.clamp(min=-1.0)  # released score map is initialised to -1 before the max
         return torch.where(torch.isfinite(best), best, self.scale * numerators[:, -1] / norm)
 
-    def segment(self, query_images: torch.Tensor, state: SupportState) -> torch.Tensor:
-        size = tuple(query_images.shape[-2:])
+    def encode_query(self, query_images: torch.Tensor) -> QueryFeatures:
+        return encoder_features(self.encoder, query_images, (self.feature_key,))
+
+    def segment_encoded(self, features: QueryFeatures, state: SupportState) -> torch.Tensor:
+        size = tuple(features.image_size)
         if size != tuple(state["image_size"]):
             raise ValueError(f"query size {size} differs from the support size {tuple(state['image_size'])}")
-        return self.query_logits(self.encoder(query_images)[self.feature_key], state)
+        return self.query_logits(features[self.feature_key], state)
 
     def query_logits(self, features: torch.Tensor, state: SupportState) -> torch.Tensor:
         """[N, 2, H, W] logits [s_bg, s_fg] from query encoder features [N, C, h, w]."""

@@ -45,9 +45,11 @@ from torch import nn
 from fsmis_monai.networks.methods.base import (
     FewShotOutput,
     FewShotSegmenter,
+    QueryFeatures,
     SupportState,
     check_support,
     encode_episodes,
+    encoder_features,
     resolve_encoder,
 )
 from fsmis_monai.networks.prototypes import (
@@ -229,7 +231,7 @@ class PAMI(FewShotSegmenter):
         compute_unused_paths: Optional[bool] = None,
     ) -> None:
         super().__init__()
-        self.encoder = resolve_encoder(encoder, pretrained_weights)
+        self.encoder = resolve_encoder(encoder, pretrained_weights, faithful)
         self.path_weights = dict(path_weights or {"down2": 1.0, "down3": 0.0})
         self.n_regions = n_regions
         self.n_iterations = n_iterations
@@ -316,10 +318,13 @@ class PAMI(FewShotSegmenter):
             probs[key] = resize_to(threshold_probability(feats[key], support, tau, self.scale)[:, None], size)[:, 0]
         return self._fuse(probs)
 
-    def segment(self, query_images: torch.Tensor, state: SupportState) -> torch.Tensor:
-        enc = self.encoder(query_images)
-        state = {**state, "image_size": tuple(query_images.shape[-2:])}  # logits at the query's size, not the support's
-        return foreground_probability_to_logits(self.predict(enc, enc["tau"], state))
+    def encode_query(self, query_images: torch.Tensor) -> QueryFeatures:
+        return encoder_features(self.encoder, query_images, (*self.paths, "tau"))
+
+    def segment_encoded(self, features: QueryFeatures, state: SupportState) -> torch.Tensor:
+        """Logits of encoded queries; QPC and PRD run per query on its encoded features."""
+        state = {**state, "image_size": tuple(features.image_size)}  # logits at the query's size, not the support's
+        return foreground_probability_to_logits(self.predict(features.maps, features["tau"], state))
 
     # -- training --------------------------------------------------------------------------------------
     def episode_losses(self, supp, supp_tau, masks, qry, qry_tau, state, probability, labels):

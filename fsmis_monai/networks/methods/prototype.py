@@ -11,7 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fsmis_monai.networks.methods.base import FewShotOutput, FewShotSegmenter, SupportState, check_support
+from fsmis_monai.networks.methods.base import (
+    FewShotOutput,
+    FewShotSegmenter,
+    QueryFeatures,
+    SupportState,
+    check_support,
+    encoder_features,
+)
 from fsmis_monai.networks.prototypes import cosine_map, masked_average_pooling, resize_to
 
 
@@ -37,10 +44,12 @@ class PrototypeSegmenter(FewShotSegmenter):
         bg = masked_average_pooling(feats, 1.0 - support_masks).mean(0)
         return {"prototypes": torch.stack([bg, fg])}
 
-    def segment(self, query_images: torch.Tensor, state: SupportState) -> torch.Tensor:
-        feats = self.encoder(query_images)[self.feature_key]
-        logits = cosine_map(feats, state["prototypes"], scale=self.scale)
-        return resize_to(logits, tuple(query_images.shape[-2:]))
+    def encode_query(self, query_images: torch.Tensor) -> QueryFeatures:
+        return encoder_features(self.encoder, query_images, (self.feature_key,))
+
+    def segment_encoded(self, features: QueryFeatures, state: SupportState) -> torch.Tensor:
+        logits = cosine_map(features[self.feature_key], state["prototypes"], scale=self.scale)
+        return resize_to(logits, features.image_size)
 
     def forward(self, support_images, support_masks, query_images, query_labels=None) -> FewShotOutput:
         logits = torch.cat(

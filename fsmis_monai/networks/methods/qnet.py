@@ -19,6 +19,7 @@ from fsmis_monai.losses import prototype_alignment_loss, weighted_nll_from_log_p
 from fsmis_monai.networks.methods.base import (
     FewShotOutput,
     FewShotSegmenter,
+    QueryFeatures,
     SupportState,
     check_support,
     encode_episodes,
@@ -83,7 +84,7 @@ class QNet(FewShotSegmenter):
         align_weight: float = 1.0,
     ) -> None:
         super().__init__()
-        self.encoder = resolve_encoder(encoder, pretrained_weights)
+        self.encoder = resolve_encoder(encoder, pretrained_weights, faithful)
         self.faithful = faithful
         self.alpha = alpha
         self.refine_steps, self.refine_lr = refine_steps, refine_lr
@@ -152,10 +153,14 @@ class QNet(FewShotSegmenter):
         self._check_outputs(out)
         return self._prototypes(out, support_masks)
 
-    def segment(self, query_images: torch.Tensor, state: SupportState) -> torch.Tensor:
+    def encode_query(self, query_images: torch.Tensor) -> QueryFeatures:
         out = self.encoder(query_images)
         self._check_outputs(out)
-        return foreground_probability_to_logits(self._segment_features(out, state, tuple(query_images.shape[-2:]))[:, 0])
+        return QueryFeatures({k: out[k] for k in (*PATHS, "tau")}, (int(query_images.shape[-2]), int(query_images.shape[-1])))
+
+    def segment_encoded(self, features: QueryFeatures, state: SupportState) -> torch.Tensor:
+        """Logits of encoded queries; the test-time refinement starts from the encoded features, per query."""
+        return foreground_probability_to_logits(self._segment_features(features.maps, state, features.image_size)[:, 0])
 
     def forward(self, support_images, support_masks, query_images, query_labels=None) -> FewShotOutput:
         support_out, query_out = encode_episodes(self.encoder, support_images, query_images)
