@@ -1,4 +1,4 @@
-"""Loss terms shared by the prototype methods (methods.md 5.1-5.3, 9).
+"""Loss terms shared by the prototype methods (docs/reference.md#shared-losses).
 
 - :func:`weighted_cross_entropy`: class-weighted CE on logits (SSL-ALPNet, bg weight 0.05);
 - :func:`weighted_nll_from_probs`: class-weighted NLL on probabilities clamped to [eps, 1 - eps] before the
