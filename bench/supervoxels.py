@@ -43,7 +43,7 @@ DATASETS = {  # name -> (folder, --dataset, min_size, published folder under --r
     "chaos": (DATA / "chaos_mr_t2", "chaos", 5000, "CHAOST2/supervoxels_5000"),
     "cmr": (DATA / "cmr_bssfp", "cmr", 1000, "CMR/supervoxels_1000"),
 }
-# the reference's 13 directions as (dz, dy, dx) in the order it concatenates them (methods.md 1.5)
+# the reference's 13 directions as (dz, dy, dx) in the order it concatenates them (docs/reference.md#supervoxels)
 REFERENCE_DIRECTIONS = [(0, 1, 0), (0, 1, 1), (0, 0, 1), (0, 1, -1), (1, 1, 0), (1, 1, 1), (1, 0, 1), (1, -1, 0),
                         (1, -1, -1), (1, 0, -1), (1, 1, -1), (1, -1, 1), (1, 0, 0)]
 

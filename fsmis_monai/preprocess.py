@@ -240,7 +240,8 @@ def output_paths(dst: str | os.PathLike[str], out_id: int) -> tuple[Path, Path]:
 
 
 def slice_index(label: np.ndarray, classes: Sequence[int], min_pixels: int = 1) -> dict[int, list[int]]:
-    """Slices (last axis) holding at least ``min_pixels`` voxels **of each class** (methods.md 1.3, 8.3).
+    """Slices (last axis) holding at least ``min_pixels`` voxels **of each class**
+    (docs/reference.md#quirk-classmap-threshold).
 
     The CHAOS/CMR notebooks compared the *sum of label values* on the slice with the threshold, which
     lets a slice of another, higher-valued class count; this counts the pixels of the class itself.

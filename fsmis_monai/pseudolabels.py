@@ -65,7 +65,7 @@ def _check_spacing(spacing: Sequence[float], ndim: int, what: str) -> np.ndarray
 def supervoxel_weights(spacing: Sequence[float]) -> np.ndarray:
     """Squared-length weight ``w`` of each of the 13 edge directions (cost = sqrt(w * dI**2)).
 
-    ADNet (methods.md 1.5), with ``s = spacing[0] / spacing[1]``: in-plane edges (diagonals too) weigh 1,
+    ADNet (docs/reference.md#supervoxels), with ``s = spacing[0] / spacing[1]``: in-plane edges (diagonals too) weigh 1,
     pure axis-0 edges ``s**2``, axis-0 + one in-plane axis ``(1 + s**2) / 2`` and axis-0 + both
     ``(2 + s**2) / 3``, i.e. the mean squared step per moved axis in units of ``spacing[1]``. They are
     evaluated in the reference's floating-point form, ``(sqrt(sum) / sqrt(m))**2``, so that the costs and
@@ -248,8 +248,8 @@ def make_superpixels(
     1e-4 + 50 for CHAOS MR). Ids are per slice.
 
     ``faithful=True`` reproduces the reference relabelling: superpixel 0 is dropped and the top id is
-    moved up by one, leaving a gap (methods.md 8.6: an episode sampler drawing ids from 1..max can then
-    draw an empty one). The default keeps every superpixel inside the body and numbers them 1..K.
+    moved up by one, leaving a gap (docs/reference.md#quirk-superpixel-ids: an episode sampler drawing ids from 1..max
+    can then draw an empty one). The default keeps every superpixel inside the body and numbers them 1..K.
     """
     from skimage.segmentation import felzenszwalb
 

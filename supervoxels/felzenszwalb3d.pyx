@@ -31,7 +31,7 @@ from libc.string cimport memcpy, memmove
 
 cnp.import_array()
 
-# (dz, dy, dx) of the 13 directions, in the order of the ADNet generator's edge list (methods.md 1.5):
+# (dz, dy, dx) of the 13 directions, in the order of the ADNet generator's edge list (docs/reference.md#supervoxels):
 # x, xy, y, x(-y) in-plane, then zx, zxy, zy, z(-x), z(-x)(-y), z(-y), zx(-y), z(-x)y, z.
 OFFSETS = (
     (0, 1, 0), (0, 1, 1), (0, 0, 1), (0, 1, -1),

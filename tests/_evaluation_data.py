@@ -1,6 +1,7 @@
 """Helpers of the evaluation tests: real scans subsampled in-plane into a temporary folder (never into the
 repository) to keep whole-volume runs within the time budget, a model with fixed predictions, and an
-independent plain-NumPy version of the protocols written from methods.md section 3 (not from the code)."""
+independent plain-NumPy version of the protocols written from docs/reference.md#evaluation-protocols (not from the
+code)."""
 
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ class SupportMaskModel(FewShotSegmenter):
         return torch.stack([1 - fg, fg], 1)
 
 
-# --------------------------------------------- independent reference (methods.md section 3)
+# --------------------------------------------- independent reference (docs/reference.md#evaluation-protocols)
 
 
 def zscore(x):

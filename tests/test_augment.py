@@ -28,7 +28,7 @@ def real_slice(chaos_dir):
 
 
 def _reference_gamma(img: np.ndarray, gamma: float) -> np.ndarray:
-    """The Schlemper/Q-Net gamma formula (methods.md 1.8), written out independently."""
+    """The Schlemper/Q-Net gamma formula (docs/reference.md#augmentation), written out independently."""
     lo, hi = img.min(), img.max()
     return (hi - lo + 1e-5) * ((img - lo + 1e-5) / (hi - lo + 1e-5)) ** gamma + lo
 

@@ -1,4 +1,5 @@
-"""``fsmis datalist``: pairing by id over the real CHAOS files, folds as in methods.md 1.7, errors naming files."""
+"""``fsmis datalist``: pairing by id over the real CHAOS files, folds as in docs/reference.md#folds-and-support-scans,
+errors naming files."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from monai.data import load_decathlon_datalist
 from fsmis_monai.cli import main
 
 CHAOS_IDS = [1, 2, 3, 5, 8, 10, 13, 15, 19, 20, 21, 22, 31, 32, 33, 34, 36, 37, 38, 39]
-# methods.md 1.7, Q-Net family: fold 1 lists scans 8, 10, 13, 15, 19; the support is the 3rd (13)
+# docs/reference.md#folds-and-support-scans, Q-Net family: fold 1 lists scans 8, 10, 13, 15, 19; the support is the 3rd (13)
 FOLD1_SUPPORT, FOLD1_QUERIES = 13, [8, 10, 15, 19]
 
 
@@ -80,7 +81,7 @@ def test_folds_need_every_scan_unless_subset(tmp_path, chaos_dir, capsys):
 
 @pytest.mark.parametrize("family", ["qnet", "adnet", "alp"])
 def test_families_support_scans(tmp_path, chaos_dir, family):
-    # methods.md 1.7, fold 4 (scans 36, 37, 38, 39, 1): support 37 (Q-Net), 39 (ADNet), 1 (ALP)
+    # docs/reference.md#folds-and-support-scans, fold 4 (scans 36, 37, 38, 39, 1): support 37 (Q-Net), 39 (ADNet), 1 (ALP)
     data = link_chaos(chaos_dir, tmp_path / "chaos")
     assert main(["datalist", str(data), "--dataset", "chaos", "--family", family]) == 0
     raw = json.loads((data / "datalist.json").read_text())

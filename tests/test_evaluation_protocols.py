@@ -1,5 +1,5 @@
 """Protocol parity: for fixed predictions, each protocol's Dice equals a plain-NumPy computation written here
-from the definitions in methods.md section 3 (not from the evaluator's code), on real CHAOS scans."""
+from the definitions in docs/reference.md#evaluation-protocols (not from the evaluator's code), on real CHAOS scans."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from fsmis_monai.evaluation.report import read_per_case_csv
 
 
 def test_reference_chunk_arithmetic():
-    """The worked examples of methods.md 3.3 (C = labelled support slices, C_q = labelled query slices)."""
+    """The worked examples of docs/reference.md#q-net-family-protocol (C = labelled support slices, C_q = labelled query
+    slices)."""
     assert fraction_picks(11) == [1, 5, 9]
     assert fraction_picks(14) == [2, 7, 11]
     assert fraction_picks(24) == [4, 12, 20]

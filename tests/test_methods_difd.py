@@ -88,7 +88,7 @@ def test_small_object_threshold_is_n_fg_over_150():
 
 
 def _released_boxes(h, w, n=100):
-    """The released draws, written out with the global generator (methods.md 5.7)."""
+    """The released draws, written out with the global generator (docs/reference.md#difd)."""
     torch.manual_seed(9)
     ar = torch.rand(n) * 1.5 + 0.5
     a0 = ar[ar <= 1]

@@ -54,7 +54,7 @@ def test_edge_masks_against_loops():
     assert set(np.unique(band)) == {0, 1}
     released = outer_edge_mask(t, "released").numpy()
     np.testing.assert_array_equal(released, _chebyshev_within(1 - m, 2) - m)
-    # methods.md 8.14: +1 on all background, 0 on the inner 2-px band, -1 inside the object
+    # docs/reference.md#quirk-gmrd-release: +1 on all background, 0 on the inner 2-px band, -1 inside the object
     assert (released[m == 0] == 1).all()
     assert released[5, 6] == -1 and released[2, 5] == 0
 

@@ -263,7 +263,7 @@ def test_chaos_itk_reader_places_pngs_by_dicom_position(tmp_path, chaos_scan):
 def test_size_rules():
     from fsmis_monai.transforms import output_size
 
-    # methods.md 1.2: the notebooks' int(n * s / t + 1) keeps one voxel past the data at equal spacing
+    # docs/reference.md#quirk-preprocessing: the notebooks' int(n * s / t + 1) keeps one voxel past the data at equal spacing
     assert output_size(37, 7.7, 7.7, "reference") == 38 and output_size(37, 7.7, 7.7, "extent") == 37
     assert output_size(448, 0.7, 0.7 * 1.75, "reference") == 257  # the Synapse 257 x 257
     assert output_size(576, 0.62500003, 1.25, "extent") == 288  # header noise does not add a voxel

@@ -1,10 +1,11 @@
-"""Folds and support scans reproduce the exact lists of the reference scripts (methods.md 1.7)."""
+"""Folds and support scans reproduce the exact lists of the reference scripts
+(docs/reference.md#folds-and-support-scans)."""
 
 import pytest
 
 from fsmis_monai.data.registry import CHAOS_MR_T2, CMR_BSSFP, SYNAPSE_CT, get_dataset, get_fold
 
-# Written out by hand from methods.md section 1.7 (not derived from the code under test).
+# Written out by hand from docs/reference.md#folds-and-support-scans (not derived from the code under test).
 CHAOS_FOLD_SCANS = {
     0: [1, 2, 3, 5, 8],
     1: [8, 10, 13, 15, 19],
@@ -29,7 +30,7 @@ def test_chaos_folds_match_reference(fold):
 
 
 def test_alp_fold4_differs_from_adnet():
-    # ALP fold 4 uses scan 1 as support while ADNet uses 39 and queries scan 1 (methods.md 1.7).
+    # ALP fold 4 uses scan 1 as support while ADNet uses 39 and queries scan 1 (docs/reference.md#folds-and-support-scans).
     assert get_fold("chaos", 4, "alp").support_id == 1
     assert 1 in get_fold("chaos", 4, "adnet").query_ids
 

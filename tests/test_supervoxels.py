@@ -20,13 +20,13 @@ from fsmis_monai.pseudolabels import felzenszwalb_3d, make_supervoxels, supervox
 
 
 # The reference generator's 13 directions (dz, dy, dx) in the order it concatenates its edge arrays
-# (methods.md 1.5): x, xy, y, x(-y) in-plane, then zx, zxy, zy, z(-x), z(-x)(-y), z(-y), zx(-y), z(-x)y, z.
+# (docs/reference.md#supervoxels): x, xy, y, x(-y) in-plane, then zx, zxy, zy, z(-x), z(-x)(-y), z(-y), zx(-y), z(-x)y, z.
 REFERENCE_DIRECTIONS = [(0, 1, 0), (0, 1, 1), (0, 0, 1), (0, 1, -1), (1, 1, 0), (1, 1, 1), (1, 0, 1), (1, -1, 0),
                         (1, -1, -1), (1, 0, -1), (1, 1, -1), (1, -1, 1), (1, 0, 0)]
 
 
 def _weight(offset: tuple[int, int, int], s: float) -> float:
-    """methods.md 1.5 in the reference's float form: in-plane 1, z s**2, z + one in-plane axis
+    """docs/reference.md#supervoxels in the reference's float form: in-plane 1, z s**2, z + one in-plane axis
     (sqrt(1 + s**2) / sqrt(2))**2, z + both (sqrt(2 + s**2) / sqrt(3))**2."""
     in_plane = (offset[1] != 0) + (offset[2] != 0)
     if offset[0] == 0:

@@ -1,4 +1,4 @@
-"""Training augmentation of the FSMIS references (methods.md 1.8) as MONAI transforms.
+"""Training augmentation of the FSMIS references (docs/reference.md#augmentation) as MONAI transforms.
 
 The references (SSL-ALPNet, ADNet, Q-Net and later) use the transforms of Schlemper et al. (2018):
 - **gamma**, gamma ~ U(0.5, 1.5) on the intensity range: MONAI's ``RandAdjustContrast`` is the same
@@ -10,8 +10,8 @@ The references (SSL-ALPNet, ADNet, Q-Net and later) use the transforms of Schlem
   times alpha = 10, applied with bilinear ``map_coordinates`` and reflected borders (:class:`RandSimardElastic`).
 
 Labels are resampled nearest-neighbour (corrected default). ``faithful=True`` reproduces the released
-code (methods.md 8.18): labels are warped with the *image* interpolation (bilinear) and rounded, per
-class channel (ALP warps the one-hot label and takes the argmax; Q-Net warps the binary mask and rounds).
+code (docs/reference.md#quirk-label-warping): labels are warped with the *image* interpolation (bilinear) and rounded,
+per class channel (ALP warps the one-hot label and takes the argmax; Q-Net warps the binary mask and rounds).
 
 All transforms work on channel-first 2D arrays ``[C, H, W]`` (numpy or torch) and return numpy float32.
 Each has a dictionary twin that draws its parameters once and applies them to every key.

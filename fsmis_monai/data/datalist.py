@@ -1,8 +1,8 @@
 """Pair image, label and pseudolabel files **by scan id** and write MONAI-style datalists.
 
 The reference loaders sort each file kind separately and pair them by list position, so a missing
-file silently shifts every pair after it (methods.md section 8.4). Here every file is keyed by the id
-in its name; a file without a partner is an error that names it.
+file silently shifts every pair after it (docs/reference.md#quirk-pairing-by-position). Here every file is keyed by the
+id in its name; a file without a partner is an error that names it.
 """
 
 from __future__ import annotations

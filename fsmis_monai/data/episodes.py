@@ -32,12 +32,13 @@ key                         item                                 after collation
 With ``n_queries = Q > 1`` the query entries gain a query axis: ``query_images`` ``[Q, 3, H, W]``,
 ``query_labels`` ``[Q, H, W]``, ``scan_id`` and ``slice_index`` int64 ``[Q]``. The shapes after
 collation are those of :class:`fsmis_monai.networks.methods.base.FewShotSegmenter.forward`. Images are
-z-scored (:mod:`fsmis_monai.data.volumes`) and the single channel is repeated to 3 (methods.md 1.6).
+z-scored (:mod:`fsmis_monai.data.volumes`) and the single channel is repeated to 3
+(docs/reference.md#intensity-normalisation).
 
-Setting 2 (methods.md 2.4, 8.7): ``exclude_classes`` removes every training slice whose ground truth
-contains **any** of them (OR, correct, as SSL-ALPNet does). ``faithful=True`` reproduces the released
-ADNet-style code, which removes only slices containing **all** of them at once (AND). Setting 1: no
-exclusion (``exclude_classes=()``); see :func:`setting_exclusions`.
+Setting 2 (docs/reference.md#settings-1-and-2, docs/reference.md#quirk-setting-2-and): ``exclude_classes`` removes every
+training slice whose ground truth contains **any** of them (OR, correct, as SSL-ALPNet does). ``faithful=True``
+reproduces the released ADNet-style code, which removes only slices containing **all** of them at once (AND). Setting 1:
+no exclusion (``exclude_classes=()``); see :func:`setting_exclusions`.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def excluded_slices(label: np.ndarray, classes: Sequence[int], faithful: bool = 
     """Boolean ``[Z]``: slices of a ``[Z, H, W]`` label removed by setting 2.
 
     Corrected (default): a slice containing any of ``classes``. Faithful: only a slice containing all of
-    them (the ADNet-style loaders' logical AND, methods.md 8.7).
+    them (the ADNet-style loaders' logical AND, docs/reference.md#quirk-setting-2-and).
     """
     if len(classes) == 0:
         return np.zeros(label.shape[0], dtype=bool)
@@ -126,8 +127,8 @@ class EpisodeDataset(Dataset):
         augmentation: True for the dataset's reference scheme (:class:`EpisodeAugmentation` with
             :attr:`augmentation_policy`), False/None for none, or an :class:`EpisodeAugmentation`.
         seed: episodes are a function of ``(seed, epoch, index)``.
-        faithful: as released: setting-2 AND exclusion (methods.md 8.7), labels warped bilinear + rounded
-            (8.18), plus the dataset's own documented quirk.
+        faithful: as released: setting-2 AND exclusion (docs/reference.md#quirk-setting-2-and), labels warped bilinear +
+            rounded (docs/reference.md#quirk-label-warping), plus the dataset's own documented quirk.
         max_tries: draws per episode before giving up with an error.
     """
 
@@ -247,7 +248,7 @@ class EpisodeDataset(Dataset):
 
 
 class SupervoxelEpisodeDataset(EpisodeDataset):
-    """ADNet / Q-Net self-supervised episodes from 3D supervoxels (methods.md 2.2).
+    """ADNet / Q-Net self-supervised episodes from 3D supervoxels (docs/reference.md#supervoxel-episodes).
 
     Each episode: a training volume uniformly, one of its supervoxel ids uniformly, the slices where the
     id occurs (minus setting-2 exclusions) split into runs of consecutive slices; a random run long enough,
@@ -292,16 +293,16 @@ class SupervoxelEpisodeDataset(EpisodeDataset):
 
 
 class SuperpixelEpisodeDataset(EpisodeDataset):
-    """SSL-ALPNet self-supervised episodes from 2D superpixels (methods.md 2.1).
+    """SSL-ALPNet self-supervised episodes from 2D superpixels (docs/reference.md#superpixel-episodes).
 
     Each episode: a training slice uniformly (among slices holding a superpixel and not excluded), one of
     its superpixels, and ``n_shots + n_queries`` independently augmented copies of that slice and mask
     (the first ``n_shots`` are the support). Augmentation: the ALP scheme (every copy independently).
 
     Superpixel id: corrected (default) draws uniformly among the ids present in the slice. ``faithful``
-    draws ``randint(1, max id of the slice)`` as released (methods.md 8.6): the top id is never drawn and
-    an id missing from the slice gives an empty mask, kept as is (the slice is redrawn only when its top
-    id is 1, where the released code fails). ``faithful`` also selects the AND setting-2 exclusion.
+    draws ``randint(1, max id of the slice)`` as released (docs/reference.md#quirk-superpixel-ids): the top id is never
+    drawn and an id missing from the slice gives an empty mask, kept as is (the slice is redrawn only when its top id is
+    1, where the released code fails). ``faithful`` also selects the AND setting-2 exclusion.
     """
 
     source = "pseudolabel"
@@ -332,7 +333,7 @@ class SuperpixelEpisodeDataset(EpisodeDataset):
 
 
 class GroundTruthEpisodeDataset(EpisodeDataset):
-    """Supervised episodes on ground-truth classes (LSLPN / PANet style pairs, methods.md 2.3).
+    """Supervised episodes on ground-truth classes (LSLPN / PANet style pairs, docs/reference.md#ground-truth-episodes).
 
     Each episode: one of ``classes`` uniformly, then ``n_shots + n_queries`` distinct slices drawn from all
     training slices holding at least ``min_size`` pixels of it, in any scans (support and query usually come

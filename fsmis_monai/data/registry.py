@@ -1,7 +1,7 @@
 """Descriptors of the three FSMIS benchmarks and their cross-validation folds.
 
-All facts come from the published pipelines (see ``docs`` and ../shared/reference/methods.md
-sections 1.1, 1.2, 1.7, 2.4): label ids and names, the canonical label maps, target spacing,
+All facts come from the published pipelines (docs/reference.md#data-layer: datasets, preprocessing,
+folds, settings 1 and 2): label ids and names, the canonical label maps, target spacing,
 test classes, the supervoxel ``min_size`` and the two families of 5-fold splits.
 
 Folds are expressed over the dataset's scan ids **sorted as integers** (the order every reference

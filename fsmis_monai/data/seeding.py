@@ -8,7 +8,7 @@ For randomness a user pipeline adds on top, :func:`seed_worker` is the DataLoade
 PyTorch (>= 1.9) already seeds ``random``, NumPy and torch differently in every worker, but MONAI's
 random transforms carry their own ``RandomState``, which every forked worker inherits unchanged, so all
 workers would draw the same numbers; it reseeds them from the worker's seed (MONAI's ``set_rnd``).
-The references seeded only ``random`` and ``torch`` (methods.md 8.22). For the main process use
+The references seeded only ``random`` and ``torch`` (docs/reference.md#quirk-seeding). For the main process use
 ``monai.utils.set_determinism(seed)``.
 """
 

@@ -6,7 +6,7 @@ its canonical label map and its pseudolabels (supervoxels or superpixels), all s
 axes (the NIfTI / MONAI ``LoadImage`` order that the evaluation uses, slice ``z`` = ``array[:, :, z]``);
 the reference loaders read with SimpleITK and therefore see the transposed slice.
 
-Normalisation (methods.md 1.6):
+Normalisation (docs/reference.md#intensity-normalisation):
 - ``"volume"`` (every ADNet-style loader, and ALP on MR): per-scan z-score ``(x - mean) / std``;
 - ``"global"`` (ALP on CT): one mean/std over every voxel of the *training* scans, computed once by
   :func:`intensity_stats` and reused at test time;
@@ -73,7 +73,8 @@ class Volume:
         return int(self.image.shape[1]), int(self.image.shape[2])
 
     def image_slice(self, z: int, channels: int = 3) -> np.ndarray:
-        """Axial slice ``z`` as ``[channels, H, W]`` float32 (the single channel repeated, methods.md 1.6)."""
+        """Axial slice ``z`` as ``[channels, H, W]`` float32 (the single channel repeated,
+        docs/reference.md#intensity-normalisation)."""
         return np.repeat(self.image[z][None], channels, axis=0)
 
 

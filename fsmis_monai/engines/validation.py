@@ -5,7 +5,8 @@ scans held out of training (by default the query scans of the training fold, whi
 list excludes). The mean Dice of each protocol and class goes to the log, to TensorBoard and to
 ``engine.state.metrics`` (``val_<protocol>_mean_dice``). Scans are prepared by the run's data contract
 (``contract_file``), as the training volumes are. It monitors training only: the saved model is the
-last iteration, as in the reference methods, never one selected on these scans (methods.md 8.17).
+last iteration, as in the reference methods, never one selected on these scans
+(docs/reference.md#quirk-lslpn-evaluation).
 """
 
 from __future__ import annotations

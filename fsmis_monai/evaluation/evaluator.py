@@ -74,7 +74,8 @@ def load_scan(files: ScanFiles, desc: DatasetDescriptor, normalization: Normaliz
 
 
 def to_channels(image: np.ndarray) -> torch.Tensor:
-    """[X, Y, Z] -> [3, X, Y, Z]: single-channel slices repeated to 3 channels (methods.md 1.6)."""
+    """[X, Y, Z] -> [3, X, Y, Z]: single-channel slices repeated to 3 channels
+    (docs/reference.md#intensity-normalisation)."""
     return torch.as_tensor(np.ascontiguousarray(image), dtype=torch.float32)[None].expand(3, -1, -1, -1)
 
 

@@ -1,7 +1,7 @@
 """Dice accounting of the volumetric protocols.
 
 Dice of one (query scan, class, protocol) = 2TP / (2TP + FP + FN) with TP/FP/FN summed over the
-protocol's scored slices (every reference repository scores per volume, methods.md 3.1-3.4). The counts
+protocol's scored slices (every reference repository scores per volume, docs/reference.md#dice-accounting). The counts
 come from MONAI's :func:`~monai.metrics.get_confusion_matrix` and the Dice from its F1 score
 (:func:`~monai.metrics.compute_confusion_matrix_metric`), which is the same quantity. Class Dice = mean
 over query scans, protocol Dice = mean over classes, folds = mean and standard deviation of those.
@@ -10,8 +10,8 @@ Which cases have a Dice:
 
 - whole-volume protocols (``whole``, ``ep2``: every query slice predicted and scored): a query volume without
   the class on which the network predicts false positives scores 2TP / (2TP + FP + FN) = 0 and is averaged
-  like any case (as ADNet scores EP2: the Dice of the volume, methods.md 3.2). Only a volume with neither
-  ground truth nor prediction is undefined.
+  like any case (as ADNet scores EP2: the Dice of the volume, docs/reference.md#adnet-ep1-and-ep2). Only a volume with
+  neither ground truth nor prediction is undefined.
 - oracle protocols (``alp``, ``ep1``, ``senet``: only the organ's slices are scored): a query without the class
   gives nothing to score, so its Dice is undefined.
 

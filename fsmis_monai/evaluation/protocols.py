@@ -5,7 +5,7 @@ Every protocol is reduced to a :class:`ProtocolPlan` computed from the binary cl
 and the query scan. The evaluator predicts the union of the ``(support group, query slice)`` pairs that the
 requested protocols need, once, and each protocol reads its own slices from that shared pass.
 
-Protocols (``../shared/reference/methods.md`` section 3; z is the last array axis):
+Protocols (docs/reference.md#evaluation-protocols; z is the last array axis):
 
 - ``alp`` (SSL-ALPNet, Ouyang et al. ECCV 2020): 3 support slices at positions ``int(p * C)``,
   ``p = 1/6, 1/2, 5/6`` of the C support slices holding the class; every query slice is predicted with
@@ -28,10 +28,10 @@ or score (the references crash there); the evaluator reports such cases as empty
 ``whole`` and ``ep2`` its false positives score Dice 0 and the case is averaged; only a volume with neither
 ground truth nor prediction is undefined (:mod:`.metrics`).
 
-``faithful=True`` reproduces the released reference behaviour where it is a bug (methods.md 8.17): the
-SENet organ range drops the scan's last slice and the last organ slice, an empty support chunk is an error
-and Dice is smoothed by 0.001. The default (corrected) keeps the full organ range, falls back to the
-support slice at the chunk's centre position when a support chunk is empty (short organs such as the
+``faithful=True`` reproduces the released reference behaviour where it is a bug
+(docs/reference.md#quirk-lslpn-evaluation): the SENet organ range drops the scan's last slice and the last organ slice,
+an empty support chunk is an error and Dice is smoothed by 0.001. The default (corrected) keeps the full organ range,
+falls back to the support slice at the chunk's centre position when a support chunk is empty (short organs such as the
 kidneys in 12 chunks) and uses the plain Dice.
 """
 

@@ -1,5 +1,5 @@
 """Boundary-F1 loss (Bokhovkin & Burnaev, "Boundary Loss for Remote Sensing Imagery Semantic Segmentation",
-ISNN 2019), as DIFD trains with it (methods.md 5.7, theta0 = 3, theta = 5).
+ISNN 2019), as DIFD trains with it (docs/reference.md#difd, theta0 = 3, theta = 5).
 
 Written here because MONAI's ``BoundaryLoss`` is Kervadec's signed-distance loss, a different objective.
 

@@ -1,4 +1,4 @@
-"""Loss terms shared by the few-shot methods (methods.md 5.1-5.3, 9): one vocabulary for all of them.
+"""Loss terms shared by the few-shot methods (docs/reference.md#shared-losses): one vocabulary for all of them.
 
 Every term takes integer labels [N, H, W] with ``IGNORE_INDEX`` (255) for pixels that do not count and class
 weights ``weight`` (bg, fg) or None; only the input differs:

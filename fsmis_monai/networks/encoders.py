@@ -79,8 +79,9 @@ def _kaiming_init(module: nn.Module) -> None:
 
 
 class DeepLabV3ResNet101Encoder(nn.Module):
-    """SSL-ALPNet / ADNet layout (methods.md 4.1): the ResNet-101 of torchvision's DeepLabV3 (layer3 and
-    layer4 dilated, output stride 8) and a bias-free 1x1 conv 2048 -> 256. 256^2 input -> ``down3`` 256 x 32^2.
+    """SSL-ALPNet / ADNet layout (docs/reference.md#deeplabv3-resnet-101): the ResNet-101 of torchvision's DeepLabV3
+    (layer3 and layer4 dilated, output stride 8) and a bias-free 1x1 conv 2048 -> 256. 256^2 input ->
+    ``down3`` 256 x 32^2.
 
     The reference also builds an ASPP head it never uses (its parameters reach the optimiser and decay);
     it is not built here. Parameter names follow torchvision (``backbone.layer1...``), so the COCO DeepLabV3
@@ -105,7 +106,7 @@ class DeepLabV3ResNet101Encoder(nn.Module):
 
 
 class QNetResNet101Encoder(nn.Module):
-    """Q-Net layout (methods.md 4.2; Shen et al., arXiv 2208.11451): torchvision ResNet-101 with
+    """Q-Net layout (docs/reference.md#q-net-resnet-101; Shen et al., arXiv 2208.11451): torchvision ResNet-101 with
     ``replace_stride_with_dilation=[True, True, False]`` (layer1-3 at stride 4, layer4 at stride 8).
 
     - ``down2`` = 1x1 conv (no bias) of layer3 1024 -> 512 (64^2 for a 256^2 input);
@@ -140,10 +141,10 @@ class QNetResNet101Encoder(nn.Module):
 
 
 class LSLPNResNet50Encoder(nn.Module):
-    """LSLPN layout (methods.md 4.3; Yu et al., ISBI 2021): ResNet-50 truncated after layer3, layer3 dilated 2
-    (output stride 8); concat(layer2 512, layer3 1024) -> 3x3 conv (dilation 2, 1536 -> 256, bias) -> ReLU ->
-    Dropout2d(0.5) as ``down3``. BatchNorm affine parameters are frozen (running statistics still update in
-    training), conv weights start N(0, 0.01) before any checkpoint is loaded.
+    """LSLPN layout (docs/reference.md#lslpn-resnet-50; Yu et al., ISBI 2021): ResNet-50 truncated after layer3, layer3
+    dilated 2 (output stride 8); concat(layer2 512, layer3 1024) -> 3x3 conv (dilation 2, 1536 -> 256, bias) -> ReLU ->
+    Dropout2d(0.5) as ``down3``. BatchNorm affine parameters are frozen (running statistics still update in training),
+    conv weights start N(0, 0.01) before any checkpoint is loaded.
 
     Built on torchvision's ResNet-50 so ImageNet weights load by name. Every layer3 block uses dilation 2, as
     the reference does. ``faithful=True`` also reproduces the reference's Caffe-style blocks (stride on the 1x1

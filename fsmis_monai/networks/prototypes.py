@@ -3,7 +3,7 @@ grid cells), cosine score maps, the threshold probability and Q-Net's fusion of 
 
 MAP(f, M) = sum(f * M) / (sum(M) + eps). The Q-Net family (ADNet, Q-Net, GMRD, PAMI, DIFD) upsamples
 the features bilinearly to the mask size before pooling; SSL-ALPNet downsamples the mask to the feature
-size instead (methods.md section 5). Both are offered here.
+size instead (docs/reference.md#masked-average-pooling). Both are offered here.
 """
 
 from __future__ import annotations

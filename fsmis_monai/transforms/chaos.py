@@ -1,7 +1,7 @@
 """CHAOS MR ground truth: a folder of PNG slices (grey values) -> one label volume with labels 1..4.
 
 MONAI has no reader for a stack of 2D PNG masks that must line up with a DICOM series, so this is
-custom. Two facts of the reference pipeline (methods.md 1.1, 1.2, 8.2) are handled differently:
+custom. Two facts of the reference pipeline (docs/reference.md#quirk-chaos-png-labels) are handled differently:
 
 - **Grey values map to labels by value, not by rank.** The reference sorts the unique grey values of a
   volume and numbers them 0..4, which mislabels every organ after a missing one. Here a fixed table of

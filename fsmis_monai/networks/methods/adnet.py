@@ -1,6 +1,6 @@
 """ADNet (Hansen et al., "Anomaly detection-inspired few-shot medical image segmentation through
 self-supervision with supervoxels", MedIA 2022): one foreground prototype and a learned threshold
-(methods.md 5.2).
+(docs/reference.md#adnet).
 
 The query is scored by its anomaly S = -20 cos(f, p) against the support's foreground prototype p;
 p_fg = 1 - sigmoid(0.5 (S - T)) with a single learned T (initialised at -10: "foreground when cos > 0.5").
@@ -37,9 +37,10 @@ class ADNet(FewShotSegmenter):
     the losses are the reference's NLL of clamped probabilities.
 
     Args:
-        encoder / pretrained_weights: as in every method. Note (methods.md 8.11): the released training script
-            builds the network *without* pretrained weights; the paper describes a COCO-pretrained encoder.
-            Reproduce the release with ``pretrained_weights=None`` (default), the paper with the COCO file.
+        encoder / pretrained_weights: as in every method. Note (docs/reference.md#quirk-adnet-from-scratch): the
+            released training script builds the network *without* pretrained weights; the paper describes a
+            COCO-pretrained encoder. Reproduce the release with ``pretrained_weights=None`` (default), the paper with
+            the COCO file.
         faithful: accepted for a uniform interface; no documented ADNet model quirk changes numbers.
         threshold_init: initial T, -10. scale: 20. class_weights: query NLL weights (bg, fg), (0.1, 1).
         align_weight: alignment loss weight, 1. threshold_loss_weight: weight of the T / 20 loss, 1.

@@ -1,5 +1,5 @@
 """SSL-ALPNet (Ouyang et al., "Self-supervision with superpixels: training few-shot medical image segmentation
-without annotation", ECCV 2020; TMI 2022): adaptive local prototype pooling (methods.md 5.1).
+without annotation", ECCV 2020; TMI 2022): adaptive local prototype pooling (docs/reference.md#ssl-alpnet).
 
 Local prototypes are window-averaged support features whose window is at least ``purity`` foreground (or
 background); the foreground also gets the global MAP prototype. A pixel's class score is the softmax-weighted
@@ -35,8 +35,8 @@ class ALPNet(FewShotSegmenter):
     Args:
         encoder: encoder name for :func:`~fsmis_monai.networks.encoders.build_encoder` or a module.
         pretrained_weights: checkpoint for the encoder (the paper uses the COCO DeepLabV3 weights).
-        faithful: reproduce the released code's quirk (methods.md 8.16): the foreground "has local
-            prototypes" check always pools 4x4, even at test time where the prototypes pool 2x2. The default
+        faithful: reproduce the released code's quirk (docs/reference.md#quirk-alpnet-check-window): the foreground "has
+            local prototypes" check always pools 4x4, even at test time where the prototypes pool 2x2. The default
             checks with the window actually used, so a small organ with pure 2x2 windows gets local prototypes.
         train_window / test_window: local pooling window on the feature map (4 -> 8x8 candidates on 32^2).
         purity: minimum pooled mask value for a window to become a prototype (strictly greater), 0.95.

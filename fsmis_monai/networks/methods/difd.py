@@ -1,5 +1,5 @@
 """DIFD: dual interspersion and flexible deployment (Cheng et al., IEEE TMI 2025, 10.1109/TMI.2025.3546653;
-methods.md 5.7).
+docs/reference.md#difd).
 
 On the Q-Net encoder's ``down2`` features (stride 4); tau, the encoder's per-image scalar, sets
 temperatures 1 + 20 sigmoid(tau):
@@ -21,10 +21,10 @@ temperatures 1 + 20 sigmoid(tau):
 Losses: weighted NLL [0.1, 1] and boundary-F1 on the query; the same two on the alignment prediction (bases
 from the predicted query mask segment the support).
 
-Decoder input (methods.md 8.13): the released decoder expects 2C + 3 channels but is given [f_q, P, sim_0]
-(2C + 1), so the released code cannot run. ``decoder_inputs="intended"`` (default) gives it
-[f_q, P, sim_0, sim_1, cos(f_q, global MAP)] - the two maps the released code computes and never uses,
-which make exactly 2C + 3 - and ``"released"`` builds the decoder for the 2C + 1 inputs instead.
+Decoder input (docs/reference.md#quirk-difd-release): the released decoder expects 2C + 3 channels but is given [f_q, P,
+sim_0] (2C + 1), so the released code cannot run. ``decoder_inputs="intended"`` (default) gives it [f_q, P, sim_0,
+sim_1, cos(f_q, global MAP)] - the two maps the released code computes and never uses, which make exactly 2C + 3 - and
+``"released"`` builds the decoder for the 2C + 1 inputs instead.
 
 Randomness: the released code reseeds the global ``random`` and ``torch`` generators (seed 9) inside
 every forward, which resets training randomness each step. Here the sub-sampling and the boxes use

@@ -1,5 +1,5 @@
 """GMRD: generated multiple representatives (Cheng et al., "Few-shot Medical Image Segmentation via Generating
-Multiple Representatives", IEEE TMI 2024, 10.1109/TMI.2024.3358295; methods.md 5.5).
+Multiple Representatives", IEEE TMI 2024, 10.1109/TMI.2024.3358295; docs/reference.md#gmrd).
 
 On the Q-Net encoder's ``down2`` features (stride 4), with f_s upsampled to the image size:
 
@@ -20,7 +20,7 @@ fg and bg descriptors apart.
 
 Switches: ``faithful=True`` is the released HEAD (no auxiliary losses, no ReLU in the descriptor MLP);
 the default is the paper/45ba5c2 version with both. ``outer_edge="released"`` uses the released "outer-edge"
-mask dilate(1 - M) - M, which is 1 on all background and -1 inside the object (methods.md 8.14);
+mask dilate(1 - M) - M, which is 1 on all background and -1 inside the object (docs/reference.md#quirk-gmrd-release);
 ``"band"`` (the default unless faithful) is the 2-pixel band just outside the object, as the paper describes.
 
 The descriptor MLP's input size is the number of image pixels, so the model is built for one
@@ -72,7 +72,8 @@ def inner_edge_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 def outer_edge_mask(mask: torch.Tensor, mode: str = "band") -> torch.Tensor:
-    """Background edge mask: "band" = dilate(M) - M; "released" = dilate(1 - M) - M (methods.md 8.14)."""
+    """Background edge mask: "band" = dilate(M) - M; "released" = dilate(1 - M) - M
+    (docs/reference.md#quirk-gmrd-release)."""
     if mode == "band":
         return dilate(mask) - mask
     if mode == "released":

@@ -1,5 +1,5 @@
 """LSLPN: location-sensitive local prototypes (Yu et al., "A Location-Sensitive Local Prototype Network for
-Few-Shot Medical Image Segmentation", ISBI 2021, arXiv 2103.10178; methods.md 5.4).
+Few-Shot Medical Image Segmentation", ISBI 2021, arXiv 2103.10178; docs/reference.md#lslpn).
 
 The image plane is covered by an overlapping grid of square cells: side k = H / n_grid (n_grid = 8), stride
 k / 2, the last window of each row/column moved to end at the border (15 x 15 = 225 cells whenever H is a
@@ -16,7 +16,7 @@ and ``[s_bg, s_fg]`` are the logits (plain cross-entropy, no alignment loss).
 prototype, i.e. a constant score 0 that takes part in the max, and every score is floored at -1 (the
 released score map starts at -1 before the max). The default (corrected) ignores such cells in the max and
 scores pixels that no valid cell covers against the class's global (whole-mask) prototype, so the scores
-are true cosines. methods.md 8.17.
+are true cosines (docs/reference.md#quirk-lslpn-empty-cells).
 """
 
 from __future__ import annotations

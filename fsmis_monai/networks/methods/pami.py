@@ -1,5 +1,5 @@
 """PAMI: partition a medical image (Zhu et al., "Partition-A-Medical-Image: Extracting Multiple Representative
-Sub-regions for Few-shot Medical Image Segmentation", IEEE TIM 2024, arXiv 2309.11172; methods.md 5.6).
+Sub-regions for Few-shot Medical Image Segmentation", IEEE TIM 2024, arXiv 2309.11172; docs/reference.md#pami).
 
 On the Q-Net encoder's features (``down2`` only: the released path weights are [1, 0]) with the Q-Net
 query-informed threshold p(x) = 1 - sigmoid(0.5 * (-20 cos(f(x), p) - tau)):
@@ -22,7 +22,7 @@ segments the support with the support's tau, unweighted NLL); MSE between that q
 support global prototype; the query self-loss (q_c segments the query, unweighted NLL against the
 query labels).
 
-Corrected by default, reproduced with ``faithful=True`` (methods.md 8.15):
+Corrected by default, reproduced with ``faithful=True`` (docs/reference.md#quirk-pami-release):
 - ``dilating_downsample``: the released mask downsampling (bilinear, then any non-zero value is
   foreground) grows the mask by up to a feature pixel; the default keeps feature pixels whose area is at
   least half foreground (any overlap if that leaves none).

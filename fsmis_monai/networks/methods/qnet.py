@@ -1,6 +1,6 @@
 """Q-Net (Shen et al., "Q-Net: Query-Informed Few-Shot Medical Image Segmentation", arXiv 2208.11451):
 ADNet's anomaly threshold made query-informed, on two feature scales, with test-time prototype refinement
-(methods.md 5.3).
+(docs/reference.md#q-net).
 
 Per path n (``down2`` at 1/4, ``down3`` at 1/8): p_n = 1 - sigmoid(0.5 (-20 cos(f_n, proto_n) - tau_q)), with
 tau_q the encoder's threshold head on the *query* image; fused as alpha up(p_down2) + (1 - alpha) up(p_down3).
@@ -51,11 +51,11 @@ class QNet(FewShotSegmenter):
 
     Args:
         encoder / pretrained_weights: as in every method (the reference loads the COCO DeepLabV3 weights).
-        faithful: reproduce the released refinement loss (methods.md 8.24): BCE(sigmoid(minmax(f)),
-            sigmoid(minmax(f_new))) with the gradient flowing through the *target* f_new. That gradient,
-            -logit(input), does not vanish when f_new = f: it pushes the normalised features towards 0 or 1.
-            The default (corrected) swaps the arguments, BCE(f_new, f) with f the fixed target, which is
-            minimal when the prototype-filled features match the original ones.
+        faithful: reproduce the released refinement loss (docs/reference.md#quirk-q-net-refinement):
+            BCE(sigmoid(minmax(f)), sigmoid(minmax(f_new))) with the gradient flowing through the *target* f_new. That
+            gradient, -logit(input), does not vanish when f_new = f: it pushes the normalised features towards 0 or 1.
+            The default (corrected) swaps the arguments, BCE(f_new, f) with f the fixed target, which is minimal when
+            the prototype-filled features match the original ones.
         alpha: weight of the ``down2`` path, 0.9 (the README suggests 0.6 for setting 2).
         refine_steps / refine_lr: test-time refinement, 7 Adam steps at lr 0.01 (0 disables it).
         scale: 20. class_weights: query NLL weights (bg, fg), (0.1, 1). align_weight: 1.
