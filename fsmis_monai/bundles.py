@@ -50,6 +50,9 @@ STANDALONE = ("train.json", "inference.json")
 OVERRIDES = ("evaluate.json", "multi_gpu_train.json")
 #: files copied unchanged from ``_source/common`` (bundle-relative path -> source path)
 COPIED = {"configs/logging.conf": "common/logging.conf", "LICENSE": "common/LICENSE"}
+#: the project's reference pages, shipped in every bundle so that a zipped bundle keeps the facts its README
+#: cites (bundle-relative path -> path under the repository's ``docs/``, the folder beside ``bundles/``)
+SHIPPED_DOCS = {"docs/reference.md": "reference.md", "docs/faithful.md": "faithful.md"}
 README = "docs/README.md"
 SHARED_SECTION = "<!-- shared:{name} -->"  # a README line naming a section of _source/common/README.md
 LIFECYCLE = ("initialize", "run", "finalize")
@@ -149,6 +152,8 @@ def render_bundle(bundles_dir: str | Path, method: str) -> dict[str, str]:
     files = {f"configs/{name}": _dump(render_config(bundles_dir, method, name)) for name in LAYERS}
     for rel, src in COPIED.items():
         files[rel] = (bundles_dir / SOURCE / src).read_text(encoding="utf-8")
+    for rel, src in SHIPPED_DOCS.items():
+        files[rel] = (bundles_dir.parent / "docs" / src).read_text(encoding="utf-8")
     readme = bundles_dir / method / README
     if readme.is_file():
         files[README] = _readme(bundles_dir, method, readme.read_text(encoding="utf-8"))

@@ -51,6 +51,7 @@ def test_committed_bundles_equal_a_fresh_rendering():
 def test_a_shared_value_changed_once_reaches_all_seven_bundles(tmp_path):
     root = tmp_path / "bundles"
     shutil.copytree(BUNDLES / SOURCE, root / SOURCE)
+    shutil.copytree(BUNDLES.parent / "docs", tmp_path / "docs")  # the reference pages every bundle ships
     for m in METHODS:
         shutil.copytree(BUNDLES / m / "docs", root / m / "docs")
     train = root / SOURCE / "common" / "train.json"
@@ -67,6 +68,7 @@ def test_a_shared_value_changed_once_reaches_all_seven_bundles(tmp_path):
         assert json.loads((root / m / "configs" / "train.json").read_text())["momentum"] == 0.85, m
         assert "run only bundles you have read" in (root / m / "docs" / "README.md").read_text(), m
         assert (root / m / "configs" / "logging.conf").is_file() and (root / m / "LICENSE").is_file()
+        assert (root / m / "docs" / "reference.md").read_text() == (tmp_path / "docs" / "reference.md").read_text()
     assert render_all(root) == []  # idempotent
     assert stale_files(root) == []
 

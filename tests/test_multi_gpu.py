@@ -54,10 +54,9 @@ def test_two_process_gloo_training(chaos_dir, tmp_path):
            "--fold", "$None", "--encoder", "small", "--image_size", "64", "--max_iterations", str(ITERATIONS),
            "--num_workers", "0", "--val_interval", "0", "--progress_bar", "False", "--log_interval", "1",
            "--image_interval", "1",
-           "--save_interval", "2", "--output_dir", str(out), "--ckpt_path", str(out / "model.pt"),
-           # ADNet's paper encoder trains every parameter (the bundle's default False), but the small encoder's
-           # heads for other methods (proj2, tau_head) get no gradient: DDP must look for unused parameters
-           "--find_unused_parameters", "True"]
+           # no find_unused_parameters: the bundle turns it on for the small encoder, whose heads for other
+           # methods (proj2, tau_head) get no gradient (ADNet's paper encoder trains every parameter)
+           "--save_interval", "2", "--output_dir", str(out), "--ckpt_path", str(out / "model.pt")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -73,7 +72,8 @@ def test_two_process_gloo_training(chaos_dir, tmp_path):
 
     # rank 0 alone writes checkpoints and the final network; it loads into a fresh method
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
-        "checkpoint_final_iteration=3.pt", "checkpoint_iteration=2.pt"]
+        "checkpoint_final_iteration=3.pt", "checkpoint_iteration=2.pt", "data_contract.json"]
+    assert (out / "data_contract.json").is_file()  # the run's data contract travels beside model.pt
     tags = {d: EventAccumulator(str(out / d)).Reload().Tags() for d in ("tensorboard", "tensorboard_rank1")}
     assert {"loss", "lr"} <= set(tags["tensorboard"]["scalars"]) and tags["tensorboard"]["images"], tags  # rank 0
     assert not tags["tensorboard_rank1"]["scalars"] and not tags["tensorboard_rank1"]["images"], tags  # logs alone
