@@ -104,7 +104,7 @@ def _metadata(source: dict, method: str, support_class: Any, protocol: str, pick
     return meta
 
 
-def _inference_config(method_def: dict, spec: dict, refine: bool, size: list[int], single_query: bool) -> dict:
+def _inference_config(method_def: dict, spec: dict, refine: bool, size: list[int]) -> dict:
     return {
         "imports": ["$import glob", "$import os", "$import numpy", "$import torch", "$import fsmis_monai", "$import fsmis_monai.export",
                     "$import fsmis_monai.data.contract", "$import fsmis_monai.engines.inference"],
@@ -115,7 +115,7 @@ def _inference_config(method_def: dict, spec: dict, refine: bool, size: list[int
         "ckpt_path": "$@bundle_root + '/models/model.pt'",
         "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
         "image_size": size,
-        "sw_batch_size": 1 if single_query else 8,
+        "sw_batch_size": 8,
         "write_overlays": True,
         "keep_largest_component": False,
         "method_def": method_def,
@@ -214,8 +214,7 @@ def freeze_bundle(bundle: Path, support_image: Path, support_label: Path, suppor
 
     meta = _metadata(read_json(bundle / "configs" / "metadata.json"), bundle.name, support_class, protocol, picks,
                      size, Path(support_image))
-    config = _inference_config(method_def, frozen.support_spec, refine, size,
-                               bool(getattr(method, "requires_single_query", False)))
+    config = _inference_config(method_def, frozen.support_spec, refine, size)
     refine_text = ("kept (eager only; exports need --no-refinement)" if not frozen.exportable
                    else "none" if refine else "dropped (--no-refinement)")
     staging = output.with_name(output.name + ".partial")
