@@ -12,10 +12,10 @@ A scan that fails is reported with the file at fault and writes nothing; the oth
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -23,7 +23,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from fsmis_monai.io import FsmisInputError, load_nifti, read_json, save_nifti, write_json
+from fsmis_monai.data.scan_pool import map_scans
+from fsmis_monai.io import FsmisInputError, input_error_in, load_nifti, save_nifti, write_json
 
 RECIPE_DIR_ENV = "FSMIS_RECIPES"
 IMAGE, LABEL = "image", "label"
@@ -272,15 +273,6 @@ def _cached_transform(recipe_json: str, faithful: bool, keep_raw: bool | None):
     return build_transform(json.loads(recipe_json), faithful, keep_raw)
 
 
-def _input_error(e: BaseException) -> FsmisInputError | None:
-    """The ``FsmisInputError`` behind ``e`` (MONAI's Compose wraps errors in ``RuntimeError``)."""
-    while e is not None:
-        if isinstance(e, FsmisInputError):
-            return e
-        e = e.__cause__ or e.__context__
-    return None
-
-
 def _label_dtype(values: Sequence[int]) -> Any:
     return np.uint8 if max(values, default=0) <= 255 and min(values, default=0) >= 0 else np.int16
 
@@ -306,7 +298,7 @@ def preprocess_scan(recipe: Mapping[str, Any], scan: RawScan, dst: str | os.Path
     try:
         out = transform({IMAGE: scan.image, LABEL: scan.label})
     except Exception as e:
-        err = _input_error(e)
+        err = input_error_in(e)
         if err is not None:
             raise err from None
         raise FsmisInputError(f"{scan.image}: preprocessing failed ({type(e).__name__}: {e})") from e
@@ -334,16 +326,6 @@ def _worker_init() -> None:
     torch.set_num_threads(1)
 
 
-def _run_one(args: tuple) -> tuple[RawScan, dict[str, Any] | None, str | None]:
-    recipe, scan, dst, overwrite, faithful, keep_raw, min_pixels = args
-    try:
-        return scan, preprocess_scan(recipe, scan, dst, overwrite, faithful, keep_raw, min_pixels), None
-    except FsmisInputError as e:
-        return scan, None, str(e)
-    except Exception as e:  # report, let the other scans finish
-        return scan, None, f"{scan.image}: {type(e).__name__}: {e}"
-
-
 # ------------------------------------------------------------------------------------ whole run
 
 
@@ -367,12 +349,11 @@ def run_preprocessing(recipe: str | os.PathLike[str] | Mapping[str, Any], src: s
                       ids: Sequence[int] | None = None) -> PreprocessReport:
     """Preprocess every raw scan of ``src`` into ``dst``; see the module docstring.
 
-    ``workers > 1`` runs scans in a process pool (forked where possible, one torch thread each).
+    ``workers > 1`` runs scans in a process pool (:func:`~fsmis_monai.data.scan_pool.map_scans`, forked where
+    possible, one torch thread per worker as in DataLoader workers, which keeps forking after OpenMP use safe).
     ``min_pixels`` (default: the recipe's ``classmap.min_pixels``, else 1) is the class pixel count a
     slice needs to enter ``classmap.json``. ``ids`` restricts the run to these raw ids.
     """
-    from tqdm.auto import tqdm
-
     recipe = load_recipe(recipe)
     if min_pixels is None:
         min_pixels = int((recipe.get("classmap") or {}).get("min_pixels", 1))
@@ -383,34 +364,17 @@ def run_preprocessing(recipe: str | os.PathLike[str] | Mapping[str, Any], src: s
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     report = PreprocessReport()
-    jobs = [(recipe, s, str(dst), overwrite, faithful, keep_raw, min_pixels) for s in scans]
-    bar = tqdm(total=len(jobs), desc=f"preprocess {recipe['name']}", unit="scan", disable=not progress)
-    if workers <= 1 or len(jobs) <= 1:
-        results = (_run_one(j) for j in jobs)
-        _collect(results, report, bar)
-    else:
-        import multiprocessing as mp
-
-        # fork (Linux) starts workers without re-importing torch/MONAI; each worker then uses one torch
-        # thread, as DataLoader workers do, which keeps forking after OpenMP use safe.
-        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(method), initializer=_worker_init) as pool:
-            futures = [pool.submit(_run_one, j) for j in jobs]
-            _collect((f.result() for f in as_completed(futures)), report, bar)
-    bar.close()
+    job = functools.partial(preprocess_scan, recipe, dst=str(dst), overwrite=overwrite, faithful=faithful,
+                            keep_raw=keep_raw, min_pixels=min_pixels)
+    for outcome in map_scans(job, scans, source=lambda s: s.image, workers=workers, progress=progress,
+                             desc=f"preprocess {recipe['name']}", initializer=_worker_init):
+        if outcome.ok:
+            report.scans[outcome.job.out_id] = outcome.value
+        else:
+            report.failed[outcome.job.out_id] = outcome.error
     _, _, names = label_table(recipe, keep_raw)
     report.classmap_path, report.summary_path = write_indexes(dst, recipe, report, names, faithful, min_pixels)
     return report
-
-
-def _collect(results, report: PreprocessReport, bar) -> None:
-    for scan, stats, error in results:
-        if error is None:
-            report.scans[scan.out_id] = stats
-        else:
-            report.failed[scan.out_id] = error
-            bar.write(f"FAILED scan {scan.raw_id}: {error}")
-        bar.update(1)
 
 
 def write_indexes(dst: Path, recipe: Mapping[str, Any], report: PreprocessReport, names: Mapping[int, str],
@@ -444,7 +408,3 @@ def write_indexes(dst: Path, recipe: Mapping[str, Any], report: PreprocessReport
         "failed": {str(k): v for k, v in sorted(report.failed.items())},
     }
     return write_json(dst / "classmap.json", classmap), write_json(dst / "dataset_summary.json", summary)
-
-
-def read_classmap(dst: str | os.PathLike[str]) -> dict[str, dict[str, list[int]]]:
-    return read_json(Path(dst) / "classmap.json")
