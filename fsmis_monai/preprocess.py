@@ -35,9 +35,15 @@ STEP_NAMES = ("orientation", "clip_percentile", "window", "crop_border", "resamp
 
 
 def recipe_dirs() -> list[Path]:
-    """Folders searched for a recipe given by short name: ``$FSMIS_RECIPES``, then the repository's ``preprocessing/``."""
+    """Folders searched for a recipe given by short name: ``$FSMIS_RECIPES``, then the project's ``preprocessing/``
+    (:func:`fsmis_monai.resources.shipped_dir`: the clone's, or the copy inside an installed package)."""
+    from fsmis_monai.resources import shipped_dir
+
     dirs = [Path(p) for p in os.environ.get(RECIPE_DIR_ENV, "").split(os.pathsep) if p]
-    return dirs + [Path(__file__).resolve().parents[1] / "preprocessing"]
+    try:
+        return dirs + [shipped_dir("preprocessing")]
+    except FsmisInputError:
+        return dirs
 
 
 def resolve_recipe(name_or_path: str | os.PathLike[str]) -> Path:
