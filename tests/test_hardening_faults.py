@@ -200,12 +200,22 @@ def test_predictions_are_written_atomically(tmp_path, monkeypatch):
     from fsmis_monai.commands import freeze
     from fsmis_monai.engines.inference import AtomicNibabelWriter
 
+    from monai.transforms import Compose, SaveImaged
+
+    from fsmis_monai.engines.inference import prediction_postprocessing
+
     writer = "fsmis_monai.engines.inference.AtomicNibabelWriter"
+    shared = "$fsmis_monai.engines.inference.prediction_postprocessing("
     for cfg in sorted((REPO / "bundles").glob("*/configs/inference.json")):
-        transforms = json.loads(cfg.read_text(encoding="utf-8"))["postprocessing"]["transforms"]
-        saves = [t for t in transforms if t["_target_"] == "SaveImaged"]
+        post = json.loads(cfg.read_text(encoding="utf-8"))["postprocessing"]
+        if isinstance(post, str):  # the shared pipeline, checked below
+            assert post.startswith(shared), cfg
+            continue
+        saves = [t for t in post["transforms"] if t["_target_"] == "SaveImaged"]
         assert saves and all(t.get("writer") == writer for t in saves), cfg
-    assert f'"writer": "{writer}"' in Path(freeze.__file__).read_text(encoding="utf-8")
+    assert shared[1:] in Path(freeze.__file__).read_text(encoding="utf-8")  # the frozen bundle's too
+    saves = [t for t in prediction_postprocessing(Compose([]), tmp_path).transforms if isinstance(t, SaveImaged)]
+    assert saves and all(t.saver.writers == (AtomicNibabelWriter,) for t in saves)
 
     save = SaveImage(output_dir=tmp_path, output_postfix="seg", separate_folder=False, print_log=False,
                      writer=AtomicNibabelWriter, resample=False)
