@@ -1,8 +1,17 @@
-"""Build hook for the Cython supervoxel extension; all metadata lives in setup.cfg."""
+"""Build hook for the Cython supervoxel extension and the shipped data folders; all metadata lives in setup.cfg."""
+
+import shutil
+from pathlib import Path
 
 import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, setup
+from setuptools.command.build_py import build_py
+
+# Folders beside the package that a wheel carries inside it, as fsmis_monai/_shipped/<name>
+# (fsmis_monai.resources.SHIPPED reads them back); outputs of runs, as .gitignore lists them, stay behind.
+SHIPPED = ("preprocessing", "bundles")
+NOT_SHIPPED = shutil.ignore_patterns("*.pt", "eval", "runs", "predictions", "__pycache__", "*.pyc")
 
 extensions = [
     Extension(
@@ -14,4 +23,17 @@ extensions = [
     )
 ]
 
-setup(ext_modules=cythonize(extensions, language_level=3))
+
+class BuildPyWithShippedFolders(build_py):
+    """``build_py`` that also copies :data:`SHIPPED` into the built package (an editable install reads the clone)."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        for name in SHIPPED:
+            target = Path(self.build_lib) / "fsmis_monai" / "_shipped" / name
+            shutil.copytree(Path(__file__).resolve().parent / name, target, ignore=NOT_SHIPPED, dirs_exist_ok=True)
+
+
+setup(ext_modules=cythonize(extensions, language_level=3), cmdclass={"build_py": BuildPyWithShippedFolders})

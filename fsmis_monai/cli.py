@@ -2,7 +2,10 @@
 
 Each command module defines ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``.
 Modules are imported lazily so that ``fsmis --help`` stays fast and a command's heavy imports
-(torch, ITK) are paid only when that command runs.
+(torch, ITK) are paid only when that command runs. Bad input (a :class:`~fsmis_monai.io.FsmisInputError`
+anywhere in the error's chain, or an ``OSError`` naming a file) is reported here, once for every
+command, as one line ``error: <file>: <problem>`` with exit code 1; any other exception is a bug and
+keeps its traceback.
 """
 
 from __future__ import annotations
@@ -54,13 +57,32 @@ def _version() -> str:
     return f"fsmis-monai {__version__}"
 
 
+def input_error_line(error: BaseException) -> str | None:
+    """``"<file>: <problem>"`` when ``error`` is bad input (see the module docstring), else None."""
+    from fsmis_monai.io import input_error_in
+
+    found = input_error_in(error)
+    if found is not None:
+        return str(found)
+    if isinstance(error, OSError) and error.filename is not None:
+        return f"{error.filename}: {error.strerror or error}"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 2
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except Exception as e:
+        line = input_error_line(e)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

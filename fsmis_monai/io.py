@@ -25,6 +25,21 @@ class FsmisInputError(ValueError):
     """A user-supplied file or setting is unusable; the message names the file and the problem."""
 
 
+def input_error_in(error: BaseException | None) -> FsmisInputError | None:
+    """The :class:`FsmisInputError` behind ``error``: itself or one in its cause/context chain, else None.
+
+    MONAI's ``Compose`` and ``ConfigParser`` wrap the errors of a transform or a config expression in
+    ``RuntimeError``; the input error inside is the one to report.
+    """
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, FsmisInputError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def _file_mode() -> int:
     """The mode a plain ``open(path, "w")`` would give (``mkstemp`` creates files readable by the owner only)."""
     mask = os.umask(0)

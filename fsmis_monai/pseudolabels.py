@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+from skimage.segmentation import relabel_sequential
 
 from fsmis_monai.io import FsmisInputError
 
@@ -159,13 +160,6 @@ def body_mask_volume(volume_xyz: np.ndarray, threshold: float) -> np.ndarray:
     return mask
 
 
-def _renumber(labels: np.ndarray) -> np.ndarray:
-    """Map the non-zero ids to 1..K in increasing order, keeping 0 as background."""
-    ids, inverse = np.unique(labels, return_inverse=True)
-    lut = np.arange(len(ids), dtype=np.int32) + (0 if ids[0] == 0 else 1)
-    return lut[inverse].reshape(labels.shape)
-
-
 def make_supervoxels(
     image: np.ndarray,
     spacing: Sequence[float],
@@ -203,7 +197,7 @@ def make_supervoxels(
     seg[seg == 0] = seg.max() + 1
     seg[~body_mask_volume(rescaled, body_threshold)] = 0
     out = np.ascontiguousarray(seg, dtype=np.int32)
-    return _renumber(out) if renumber else out
+    return relabel_sequential(out)[0] if renumber else out  # ids 1..K in increasing order, 0 stays 0
 
 
 # ------------------------------------------------------------------------------------ superpixels
@@ -224,13 +218,8 @@ def _relabel_faithful(raw: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 def _relabel_corrected(raw: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Every superpixel that touches the mask gets an id in 1..K (increasing with its original id)."""
-    inside = raw[mask]
-    if inside.size == 0:
-        return np.zeros(raw.shape, dtype=np.int32)
-    present = np.zeros(int(raw.max()) + 1, dtype=bool)
-    present[inside] = True
-    lut = np.cumsum(present, dtype=np.int32)
-    return np.where(mask, lut[raw], 0).astype(np.int32)
+    shifted = np.where(mask, raw.astype(np.int32) + 1, 0)  # superpixel 0 is kept; outside the mask is background
+    return relabel_sequential(shifted)[0].astype(np.int32)
 
 
 def make_superpixels(

@@ -52,7 +52,7 @@ def test_missing_and_extra_files_are_named(tmp_path, chaos_dir, capsys):
     data = link_chaos(chaos_dir, tmp_path / "chaos", ids=[1, 2, 3])
     (data / "label_2.nii.gz").unlink()
     (data / "label_7.nii.gz").symlink_to(chaos_dir / "label_5.nii.gz")
-    assert main(["datalist", str(data)]) == 2
+    assert main(["datalist", str(data)]) == 1
     err = capsys.readouterr().err
     assert f"{data / 'image_2.nii.gz'}: no matching label_2" in err
     assert f"{data / 'label_7.nii.gz'}: no matching image_7" in err
@@ -62,14 +62,14 @@ def test_missing_and_extra_files_are_named(tmp_path, chaos_dir, capsys):
 def test_missing_pseudolabel_named(tmp_path, chaos_dir, capsys):
     data = link_chaos(chaos_dir, tmp_path / "chaos", ids=[1, 2], pseudo=tmp_path / "sv")
     (tmp_path / "sv" / "superpix-MIDDLE_2.nii.gz").unlink()
-    assert main(["datalist", str(data), "--pseudolabels", str(tmp_path / "sv")]) == 2
+    assert main(["datalist", str(data), "--pseudolabels", str(tmp_path / "sv")]) == 1
     assert f"{data / 'image_2.nii.gz'}: no matching superpix-*_2" in capsys.readouterr().err
 
 
 def test_folds_need_every_scan_unless_subset(tmp_path, chaos_dir, capsys):
     present = [i for i in CHAOS_IDS if i != 13]
     data = link_chaos(chaos_dir, tmp_path / "chaos", ids=present)
-    assert main(["datalist", str(data), "--dataset", "chaos"]) == 2
+    assert main(["datalist", str(data), "--dataset", "chaos"]) == 1
     assert "[13] (missing)" in capsys.readouterr().err
     assert main(["datalist", str(data), "--dataset", "chaos", "--subset", "--family", "alp", "--absolute"]) == 0
     raw = json.loads((data / "datalist.json").read_text())

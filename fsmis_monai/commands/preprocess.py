@@ -26,16 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fsmis_monai.io import FsmisInputError
     from fsmis_monai.preprocess import run_preprocessing
 
-    try:
-        report = run_preprocessing(args.recipe, args.src, args.dst, workers=args.workers, overwrite=args.overwrite,
-                                   faithful=args.faithful, keep_raw=args.keep_raw_labels, min_pixels=args.min_pixels,
-                                   progress=not args.no_progress, ids=args.ids)
-    except FsmisInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    report = run_preprocessing(args.recipe, args.src, args.dst, workers=args.workers, overwrite=args.overwrite,
+                               faithful=args.faithful, keep_raw=args.keep_raw_labels, min_pixels=args.min_pixels,
+                               progress=not args.no_progress, ids=args.ids)
     written = sum(s["status"] == "written" for s in report.scans.values())
     print(f"{written} scans written, {len(report.scans) - written} already done, {len(report.failed)} failed "
           f"-> {args.dst} (classmap.json, dataset_summary.json)")

@@ -16,10 +16,12 @@ import logging
 import time
 from pathlib import Path
 
+from fsmis_monai.resources import shipped_dir
+
 HELP = "Run the whole pipeline (supervoxels, CPU training, evaluation, report) on the bundled sample scans."
 
 SAMPLE_DIR = Path(__file__).resolve().parents[1] / "sample_data" / "chaos_mr_t2"
-BUNDLES_DIR = Path(__file__).resolve().parents[2] / "bundles"
+BUNDLES_DIR = shipped_dir("bundles")
 TRAIN_IDS, SUPPORT_ID, QUERY_ID = (2, 15), 15, 20
 
 
@@ -71,8 +73,7 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, args.threads))
     bundle = BUNDLES_DIR / args.method
     if not (bundle / "configs" / "train.json").is_file():
-        raise FsmisInputError(f"{bundle}: bundle not found; the quickstart runs from a clone of the repository "
-                              f"(pip install -e .) and needs bundles/{args.method}")
+        raise FsmisInputError(f"{bundle}: bundle not found (bundles: {sorted(p.parent.name for p in BUNDLES_DIR.glob('*/configs'))})")
     out = args.output.resolve()
     start = time.perf_counter()
 

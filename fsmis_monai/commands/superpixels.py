@@ -1,15 +1,14 @@
 """``fsmis superpixels``: SSL-ALPNet 2D superpixels (per axial slice) for every ``image_<id>`` of a folder.
 
-Same pairing, parallelism, atomic writes and summary as ``fsmis supervoxels``
-(:func:`fsmis_monai.commands.supervoxels.run_folder`); the summary counts superpixels over all slices.
+The work is :func:`fsmis_monai.data.pseudolabel_folder.superpixel_folder`; same pairing, parallelism,
+atomic writes and summary as ``fsmis supervoxels`` (the summary counts superpixels over all slices).
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 
-from fsmis_monai.commands.supervoxels import add_common_arguments, run_folder
+from fsmis_monai.commands.supervoxels import add_common_arguments, report
 
 HELP = "Compute 2D superpixel pseudolabels (SSL-ALPNet) for every image_<id> in a folder."
 
@@ -25,21 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fsmis_monai.data.registry import get_dataset
+    from fsmis_monai.data.pseudolabel_folder import superpixel_folder
 
-    threshold = args.body_threshold
-    if threshold is None:
-        threshold = get_dataset(args.dataset).superpixel_body_threshold if args.dataset else 1e-4
-    params = {"min_size": args.min_size, "sigma": args.sigma, "scale": 1.0, "body_threshold": threshold,
-              "faithful": bool(args.faithful), "dataset": args.dataset}
-    compute = functools.partial(_superpixels, min_size=args.min_size, sigma=args.sigma, body_threshold=threshold,
-                                faithful=bool(args.faithful))
-    return run_folder(args.src, args.dst, compute, kind="superpixels", parameters=params, workers=args.workers,
-                      overwrite=args.overwrite, per_slice=True)
-
-
-def _superpixels(image, spacing, **kwargs):
-    """``compute(image, spacing)`` form of :func:`make_superpixels` (2D superpixels ignore the spacing)."""
-    from fsmis_monai.pseudolabels import make_superpixels
-
-    return make_superpixels(image, **kwargs)
+    return report(superpixel_folder(args.src, args.dst, dataset=args.dataset, min_size=args.min_size, sigma=args.sigma,
+                                    body_threshold=args.body_threshold, faithful=args.faithful, workers=args.workers,
+                                    overwrite=args.overwrite))

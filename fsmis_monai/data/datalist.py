@@ -7,10 +7,11 @@ id in its name; a file without a partner is an error that names it.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from fsmis_monai.io import FsmisInputError
 
@@ -96,3 +97,56 @@ def pair_scans(
     if missing:
         raise FsmisInputError(f"{image_dir}: requested scan ids not found: {missing}")
     return [ScanFiles(i, images[i], labels.get(i), pseudo.get(i)) for i in wanted]
+
+
+def build_datalist(folder: str | os.PathLike[str], dataset: str | None = None, pseudolabels: str | None = None,
+                   family: str = "qnet", subset: bool = False, relative_to: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """The datalist of ``folder`` as a dict (keys: see ``fsmis datalist``), paths relative to ``relative_to`` if given.
+
+    ``dataset`` adds the folds of that registry dataset under the ``family`` convention; ``subset`` builds
+    them over the scans present instead of requiring all of the dataset's scans.
+
+    Raises:
+        FsmisInputError: an unpaired or missing file (named), a scan the folds need is missing, too few
+            scans for the folds, or ``dataset`` is not in the registry.
+    """
+    from fsmis_monai.data.registry import NUM_FOLDS, get_dataset, get_fold
+
+    scans = pair_scans(folder, pseudolabel_dir=pseudolabels)
+
+    def item(s) -> dict[str, Any]:
+        d = s.as_dict()
+        if relative_to is not None:
+            for k in ("image", "label", "pseudolabel"):
+                if k in d:
+                    d[k] = os.path.relpath(d[k], relative_to)
+        return d
+
+    by_id = {s.scan_id: item(s) for s in scans}
+    out: dict[str, Any] = {"name": Path(folder).name, "training": [by_id[i] for i in sorted(by_id)]}
+    if dataset is None:
+        return out
+    try:
+        desc = get_dataset(dataset)
+    except KeyError as e:
+        raise FsmisInputError(str(e.args[0])) from e
+    ids = None
+    if subset:
+        ids = sorted(by_id)
+    else:
+        missing = [i for i in desc.known_ids if i not in by_id]
+        if missing:
+            raise FsmisInputError(
+                f"{folder}: the {desc.key} folds need image_<id>/label_<id> for ids {missing} (missing); "
+                "use --subset to build folds over the scans present")
+    out.update({"dataset": desc.key, "family": family, "folds": {}})
+    for k in range(NUM_FOLDS):
+        try:
+            f = get_fold(desc, k, family, ids=ids)
+        except ValueError as e:
+            raise FsmisInputError(f"{folder}: {e}") from e
+        out["folds"][str(k)] = {"support_id": f.support_id, "query_ids": list(f.query_ids), "train_ids": list(f.train_ids)}
+        out[f"fold{k}_training"] = [by_id[i] for i in f.train_ids if i in by_id]
+        out[f"fold{k}_validation"] = [by_id[i] for i in f.query_ids if i in by_id]
+        out[f"fold{k}_support"] = [by_id[f.support_id]]
+    return out

@@ -1,15 +1,15 @@
 """Resumable training checkpoints for a bundle's handler list.
 
-MONAI's ``CheckpointSaver``/``CheckpointLoader`` need the trainer in their dict to restore its iteration,
+Checkpoint savers and MONAI's ``CheckpointLoader`` need the trainer in their dict to restore its iteration,
 but a bundle config cannot reference the trainer from inside the trainer's own handler list (a circular
-reference). :class:`TrainingCheckpoints` receives the trainer when it is attached and builds both handlers
+reference). :class:`TrainingCheckpoints` receives the trainer when it is attached and builds the handlers
 then: resume from the newest ``checkpoint_iteration=N.pt`` of ``ckpt_dir`` (``map_location`` so GPU
 checkpoints load on CPU) into a run of the same or a larger iteration count
-(:class:`~fsmis_monai.engines.resume.ContinueRun`), save every ``save_interval`` iterations (ignite saves on
-rank 0 only), and when the run has trained all its iterations write the bare network weights to
-``final_path`` (the bundle's ``models/model.pt``), preceded by the run's data contract
-(``ckpt_dir/data_contract.json``, written by ``training_volumes(contract_file=...)`` when the run is built)
-copied beside it, so ``models/`` never pairs new weights with another run's contract.
+(:class:`~fsmis_monai.engines.resume.ContinueRun`), save atomically every ``save_interval`` iterations
+(:func:`atomic_checkpoint`; ignite saves on rank 0 only), and when the run has trained all its iterations
+write the bare network weights to ``final_path`` (the bundle's ``models/model.pt``), preceded by the run's
+data contract (``ckpt_dir/data_contract.json``, written by ``training_volumes(contract_file=...)`` when the
+run is built) copied beside it, so ``models/`` never pairs new weights with another run's contract.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from ignite.engine import Engine, Events
-from monai.handlers import CheckpointLoader, CheckpointSaver
+from ignite.handlers import Checkpoint, DiskSaver
+from monai.handlers import CheckpointLoader
 from torch import nn
 
 from fsmis_monai.engines.resume import ContinueRun, iterations_asked, latest_checkpoint, schedulers_of
@@ -34,21 +35,23 @@ def unwrap(network: nn.Module) -> nn.Module:
     return network.module if hasattr(network, "module") and isinstance(network.module, nn.Module) else network
 
 
-def make_atomic(saver: CheckpointSaver) -> CheckpointSaver:
-    """Make ``saver`` write each checkpoint to a temporary file renamed into place (ignite's ``atomic``).
+def _iteration(engine: Engine) -> int:
+    return engine.state.iteration
 
-    MONAI 1.6 builds its ignite ``DiskSaver`` with ``atomic=False`` (for file permissions only; ignite
-    0.5.5's atomic path gives group/others read access back), so a run killed mid-save would leave a
-    truncated ``checkpoint_iteration=N.pt`` that the next resume picks. The temporary (``tmp*``) never
-    matches the checkpoint name pattern, so an orphan left by a kill is ignored by resume.
+
+def atomic_checkpoint(ckpt_dir: str | Path, objects: Mapping[str, Any], score_name: str,
+                      n_saved: Optional[int]) -> Checkpoint:
+    """An ignite ``Checkpoint`` of ``objects`` at the trainer's iteration, as ``checkpoint_<score_name>=N.pt``.
+
+    The names are those of MONAI's ``CheckpointSaver`` (``score_name`` ``"iteration"`` or
+    ``"final_iteration"``), which :func:`~fsmis_monai.engines.resume.latest_checkpoint` reads back. Built
+    here rather than through ``CheckpointSaver`` because MONAI (1.4-1.6) gives its ``DiskSaver``
+    ``atomic=False``: a run killed mid-save would leave a truncated checkpoint that the next resume picks.
+    ``DiskSaver(atomic=True)`` writes a temporary file renamed into place; the temporary (``tmp*``) never
+    matches the checkpoint name pattern, so an orphan left by a kill is ignored by resume. Only rank 0 saves.
     """
-    for ckpt in (saver._final_checkpoint, saver._key_metric_checkpoint, saver._interval_checkpoint):
-        handler = getattr(ckpt, "save_handler", None)
-        if handler is not None:
-            if not hasattr(handler, "_atomic"):  # pragma: no cover - an ignite without the switch
-                raise RuntimeError("ignite DiskSaver has no atomic switch; checkpoints would not be atomic")
-            handler._atomic = True
-    return saver
+    saver = DiskSaver(str(ckpt_dir), atomic=True, create_dir=True, require_empty=False)
+    return Checkpoint(dict(objects), saver, score_function=_iteration, score_name=score_name, n_saved=n_saved)
 
 
 class TrainingCheckpoints:
@@ -103,25 +106,32 @@ class TrainingCheckpoints:
                 logger.info(f"resuming from {self.resumed_from}")
                 loader = CheckpointLoader(self.resumed_from, state, map_location=self.map_location)
                 ContinueRun(self.resumed_from, loader, schedulers_of(self.objects.values())).attach(engine)
-        saver = CheckpointSaver(str(self.ckpt_dir), state, save_interval=self.save_interval, epoch_level=False,
-                                n_saved=self.n_saved, save_final=True)
-        make_atomic(saver)
-        # ``saver.attach`` would register the periodic save now, ahead of the handlers listed after this one
-        # (the LR scheduler's step among them): a checkpoint of iteration N would hold the schedule of N - 1,
-        # and a resume would apply every later milestone one iteration late. The periodic save is registered
-        # when the run starts instead, after every handler of the trainer's config; final/exception saves as
-        # MONAI attaches them.
-        saver.logger = engine.logger
-        engine.add_event_handler(Events.COMPLETED, saver.completed)
-        engine.add_event_handler(Events.EXCEPTION_RAISED, saver.exception_raised)
+        # The final checkpoint is written when the run completes or fails (as MONAI's CheckpointSaver does with
+        # save_final=True). Registering the periodic save now would put it ahead of the handlers listed after
+        # this one (the LR scheduler's step among them): a checkpoint of iteration N would hold the schedule of
+        # N - 1, and a resume would apply every later milestone one iteration late. It is registered when the
+        # run starts instead, after every handler of the trainer's config.
+        self._final = atomic_checkpoint(self.ckpt_dir, state, "final_iteration", n_saved=1)
+        engine.add_event_handler(Events.COMPLETED, self._save_final)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self._save_final_and_raise)
         if self.save_interval > 0:
-            engine.add_event_handler(Events.STARTED, self._save_periodically, saver)
+            interval = atomic_checkpoint(self.ckpt_dir, state, "iteration", n_saved=self.n_saved)
+            engine.add_event_handler(Events.STARTED, self._save_periodically, interval)
         if self.final_path is not None:
             engine.add_event_handler(Events.COMPLETED, self._export)
 
-    def _save_periodically(self, engine: Engine, saver: CheckpointSaver) -> None:
-        if not engine.has_event_handler(saver.interval_completed):
-            engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.save_interval), saver.interval_completed)
+    def _save_final(self, engine: Engine) -> None:
+        self._final(engine)
+        logger.info(f"saved final checkpoint: {self._final.last_checkpoint}")
+
+    def _save_final_and_raise(self, engine: Engine, error: BaseException) -> None:
+        self._final(engine)
+        logger.info(f"exception raised, saved the last checkpoint: {self._final.last_checkpoint}")
+        raise error
+
+    def _save_periodically(self, engine: Engine, interval: Checkpoint) -> None:
+        if not engine.has_event_handler(interval):
+            engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.save_interval), interval)
 
     def _export(self, engine: Engine) -> None:
         import ignite.distributed as idist

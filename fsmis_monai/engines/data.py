@@ -3,7 +3,7 @@
 Self-supervised training needs one pseudolabel file ``superpix-<tag>_<id>.nii.gz`` per scan in
 ``pseudolabel_dir`` (3D supervoxels for ADNet and the Q-Net family, 2D superpixels for SSL-ALPNet).
 :func:`ensure_pseudolabels` returns the folder once every scan has its file. Missing files are generated
-with :mod:`fsmis_monai.pseudolabels` and cached on disk (written atomically, so an interrupted run never
+with :mod:`fsmis_monai.data.pseudolabel_folder` and cached on disk (written atomically, so an interrupted run never
 leaves a truncated file), or, with ``generate=False``, reported with the command that makes them.
 """
 
@@ -34,13 +34,18 @@ _CLI_DATASET = {"chaos_mr_t2": "chaos", "cmr_bssfp": "cmr", "synapse_ct": "synap
 
 def pseudolabel_command(dataset_dir: str | Path, pseudolabel_dir: str | Path, kind: PseudolabelKind = "supervoxels",
                         dataset: str = "chaos", min_size: Optional[int] = None, workers: int = 1) -> list[str]:
-    """The ``fsmis`` arguments that create the pseudolabels (what :func:`ensure_pseudolabels` runs)."""
+    """The ``fsmis`` arguments that create the pseudolabels (the command line of what :func:`ensure_pseudolabels` runs)."""
+    cli_dataset, size = _pseudolabel_settings(kind, dataset, min_size)
+    return [kind, "--src", str(dataset_dir), "--dst", str(pseudolabel_dir), "--dataset", cli_dataset,
+            "--workers", str(int(workers)), "--min-size", str(size)]
+
+
+def _pseudolabel_settings(kind: str, dataset: str, min_size: Optional[int]) -> tuple[str, int]:
+    """``(dataset name of the command line, min_size)``; ``min_size`` None: the dataset's reference value."""
     if kind not in ("supervoxels", "superpixels"):
         raise ValueError(f"unknown pseudolabel kind {kind!r}; use 'supervoxels' or 'superpixels'")
     desc = get_dataset(dataset)
-    size = desc.pseudolabel_min_size(kind) if min_size is None else int(min_size)
-    return [kind, "--src", str(dataset_dir), "--dst", str(pseudolabel_dir), "--dataset", _CLI_DATASET[desc.key],
-            "--workers", str(int(workers)), "--min-size", str(size)]
+    return _CLI_DATASET[desc.key], desc.pseudolabel_min_size(kind) if min_size is None else int(min_size)
 
 
 def ensure_pseudolabels(
@@ -54,12 +59,18 @@ def ensure_pseudolabels(
 ) -> str:
     """Make sure every ``image_<id>`` of ``dataset_dir`` has its pseudolabel in ``pseudolabel_dir``.
 
-    Missing ones are made by ``fsmis supervoxels`` / ``fsmis superpixels`` (``min_size`` None: the
-    dataset's reference value, :meth:`DatasetDescriptor.pseudolabel_min_size`); with ``generate=False`` the
-    error names that command. Nothing is written into ``dataset_dir`` (it may be read-only) unless
-    ``pseudolabel_dir`` lies inside it. Returns ``pseudolabel_dir`` as a string (for bundle configs).
+    Missing ones are made by :func:`fsmis_monai.data.pseudolabel_folder.supervoxel_folder` /
+    :func:`~fsmis_monai.data.pseudolabel_folder.superpixel_folder` (what ``fsmis supervoxels`` /
+    ``fsmis superpixels`` run; ``min_size`` None: the dataset's reference value,
+    :meth:`DatasetDescriptor.pseudolabel_min_size`); with ``generate=False`` the error names that command.
+    Nothing is written into ``dataset_dir`` (it may be read-only) unless ``pseudolabel_dir`` lies inside it.
+    Returns ``pseudolabel_dir`` as a string (for bundle configs).
+
+    Raises:
+        FsmisInputError: pseudolabels are missing and ``generate`` is False, or a scan failed (the message
+            names its file and the summary file).
     """
-    from fsmis_monai.cli import main as fsmis
+    from fsmis_monai.data.pseudolabel_folder import superpixel_folder, supervoxel_folder
 
     out = Path(pseudolabel_dir)
     missing = [s.scan_id for s in pair_scans(dataset_dir, require_labels=False) if s.scan_id not in _existing(out)]
@@ -70,6 +81,11 @@ def ensure_pseudolabels(
         raise FsmisInputError(f"{out}: no {kind} for scans {missing}. Create them with\n  fsmis {' '.join(args)}\n"
                               "or set generate_pseudolabels to true in the bundle config to have training make them.")
     logger.warning(f"{out}: generating {kind} for {len(missing)} scan(s) (cached for later runs): fsmis {' '.join(args)}")
-    if fsmis(args) != 0:
-        raise FsmisInputError(f"{out}: {kind} generation failed (see {out}/{kind}_summary.json); command: fsmis {' '.join(args)}")
+    cli_dataset, size = _pseudolabel_settings(kind, dataset, min_size)
+    make = supervoxel_folder if kind == "supervoxels" else superpixel_folder
+    summary = make(dataset_dir, out, dataset=cli_dataset, min_size=size, workers=int(workers))
+    failed = [s["error"] for s in summary["scans"] if s["status"] != "ok"]
+    if failed:
+        raise FsmisInputError(f"{failed[0]} ({kind} generation failed for {len(failed)} scan(s); "
+                              f"see {summary['summary_path']})")
     return str(out)

@@ -33,6 +33,8 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from monai.transforms import dilate as monai_dilate
+from monai.transforms import erode as monai_erode
 from torch import nn
 
 from fsmis_monai.losses import binary_labels, probability_nll
@@ -54,16 +56,22 @@ from fsmis_monai.networks.prototypes import (
 )
 
 
-def dilate(mask: torch.Tensor, iterations: int = 2) -> torch.Tensor:
-    """Binary dilation of [..., H, W] masks by a 3x3 square, ``iterations`` times (image border ignored)."""
+def _morphology(op, mask: torch.Tensor, iterations: int) -> torch.Tensor:
     x = mask.reshape(-1, 1, *mask.shape[-2:])
     size = 2 * iterations + 1  # iterated 3x3 squares = one (2i+1) square
-    return F.max_pool2d(x, size, stride=1, padding=iterations).reshape(mask.shape)
+    return op(x, size).reshape(mask.shape).to(mask.dtype)
+
+
+def dilate(mask: torch.Tensor, iterations: int = 2) -> torch.Tensor:
+    """Binary dilation of {0, 1} masks [..., H, W] by a 3x3 square, ``iterations`` times (MONAI's ``dilate``;
+    the image border counts as background)."""
+    return _morphology(monai_dilate, mask, iterations)
 
 
 def erode(mask: torch.Tensor, iterations: int = 2) -> torch.Tensor:
-    """Binary erosion of [..., H, W] masks by a 3x3 square, ``iterations`` times (image border ignored)."""
-    return -dilate(-mask, iterations)
+    """Binary erosion of {0, 1} masks [..., H, W] by a 3x3 square, ``iterations`` times (MONAI's ``erode``;
+    the image border is ignored, so an object touching it is not eroded from there)."""
+    return _morphology(monai_erode, mask, iterations)
 
 
 def inner_edge_mask(mask: torch.Tensor) -> torch.Tensor:
