@@ -22,6 +22,7 @@ transform, so ``Invertd`` writes a prediction back in the query file's own geome
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,8 +148,16 @@ def contract_path(model_path: str | os.PathLike[str]) -> Path:
 
 
 def save_contract(contract: DataContract, model_path: str | os.PathLike[str]) -> Path:
-    """Write ``contract`` atomically beside ``model_path`` (a weights file or its folder)."""
-    return write_json(contract_path(model_path), contract.to_dict())
+    """Write ``contract`` atomically beside ``model_path`` (a weights file or its folder). A file that already
+    holds the same contract is left as it is (a resumed or refused run rewrites nothing)."""
+    path, record = contract_path(model_path), contract.to_dict()
+    if path.is_file():
+        try:
+            if read_json(path) == json.loads(json.dumps(record)):
+                return path
+        except (OSError, ValueError):
+            pass  # unreadable: replaced below
+    return write_json(path, record)
 
 
 def load_contract(model_path: str | os.PathLike[str], default: Optional[DataContract] = None) -> DataContract:
