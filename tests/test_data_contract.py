@@ -111,7 +111,7 @@ def test_own_masks_with_any_raw_value(cmr_dir, tmp_path):
     with pytest.raises(FsmisInputError, match=r"support class 7: no voxel has that value \(values found: \[0, 255\]"):
         load_support(image, own, 7, 1, dataset=None)
     with pytest.raises(FsmisInputError, match=r"support class 255 is not a raw label value of chaos_mr_t2 "
-                                              r"\(values found: \[0, 255\].*dataset_name None"):
+                                              r"\(values found: \[0, 255\].*--dataset_name none"):
         load_support(image, own, 255, 1, dataset="chaos")
 
 

@@ -122,6 +122,18 @@ def test_every_bundle_faithful_reaches_its_encoder(bundle, monkeypatch):
             assert network_layout(network)["method"] == parser["method"]
 
 
+def test_small_encoder_checkpoint_into_the_paper_encoder_names_the_encoder_to_set(tmp_path):
+    """A CPU-override run (small encoder) loaded by a bundle left at its paper encoder: the error says which
+    encoder to set, not a faithful switch (found by a new-user trial of inference.json)."""
+    path = tmp_path / "model.pt"
+    torch_save(build_method("adnet", encoder="small").state_dict(), path)
+    with torch.device("meta"):
+        paper = build_method("adnet")
+    with pytest.raises(LayoutMismatchError, match=r"differ in encoder.*--encoder small") as err:
+        load_weights(paper, path)
+    assert "faithful" not in str(err.value).split("layout:")[-1]
+
+
 def test_shape_switches_are_recorded_and_checked():
     head, _ = _released("gmrd")  # released HEAD: descriptor MLP without ReLU -> faithful=True
     converted, report = convert_state_dict(head, "gmrd", faithful=True)

@@ -271,7 +271,7 @@ class CheckLabelsd(MapTransform):
                     raise FsmisInputError(
                         f"{_source(d, key)}: label values {unknown} are not in the {self.contract.dataset} label map "
                         f"(values found: {[int(v) for v in found]}; known: {self.contract.known_classes()}); for "
-                        "your own masks choose no dataset (dataset_name None) and give the raw value")
+                        "your own masks choose no dataset (--dataset_name none) and give the raw value")
         return d
 
 
@@ -423,7 +423,7 @@ def resolve_support_class(contract: DataContract, support_class: int | str, labe
         if raw not in contract.label_map or contract.label_map[raw] == 0:
             raise FsmisInputError(f"{where} is not a raw label value of {contract.dataset} (values found: {found}; "
                                   f"known: {contract.known_classes()}); for your own masks choose no dataset "
-                                  "(dataset_name None)")
+                                  "(--dataset_name none)")
         class_id = contract.label_map[raw]
     else:
         ids = [c for c, n in contract.class_names.items() if n.lower() == text.lower() and c != 0]

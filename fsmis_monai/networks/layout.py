@@ -33,7 +33,7 @@ import contextvars
 import os
 import warnings
 from collections import OrderedDict
-from typing import Any, Callable, Dict, Iterator, Mapping, Optional
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -105,10 +105,22 @@ def check_layout(network: nn.Module, found: Optional[Mapping[str, Any]], strict:
         raise LayoutMismatchError(
             f"{source}: does not fit the {expected['method']} network: the checkpoint was made for "
             f"{describe(found)}, the network is {describe(expected)} "
-            f"(they differ in {', '.join(differ)}); build the network in the checkpoint's layout (for a bundle: "
-            "the faithful setting it was trained or imported with, e.g. faithful=true for weights converted with "
-            "fsmis import-checkpoint --faithful)"
+            f"(they differ in {', '.join(differ)}); build the network in the checkpoint's layout: {_fix(found, differ)}"
         )
+
+
+def _fix(found: Mapping[str, Any], differ: Sequence[str]) -> str:
+    """What a bundle user changes to build the checkpoint's layout, for the fields that differ."""
+    fixes = []
+    if "method" in differ:
+        fixes.append(f"use the {found.get('method')} bundle")
+    if "encoder" in differ:
+        fixes.append(f"set encoder to {found.get('encoder')!r} (bundle: --encoder {found.get('encoder')}; "
+                     f"fsmis freeze: --set encoder='\"{found.get('encoder')}\"')")
+    if ("encoder_layout" in differ and "encoder" not in differ) or "switches" in differ:  # same encoder, other layout
+        fixes.append("use the faithful setting it was trained or imported with (e.g. faithful=true for weights "
+                     "converted with fsmis import-checkpoint --faithful)")
+    return "; ".join(fixes)
 
 
 def _record_hook(module: nn.Module, state_dict: Any, prefix: str, local_metadata: Dict[str, Any]) -> None:
