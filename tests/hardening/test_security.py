@@ -14,7 +14,7 @@ import torch
 
 from fsmis_monai.io import FsmisInputError, torch_load
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 class _Payload:

@@ -19,7 +19,7 @@ from monai.bundle import ConfigWorkflow, verify_metadata
 from fsmis_monai.engines import ensure_pseudolabels
 from fsmis_monai.io import save_nifti, torch_load
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCHEMA = REPO.parent / "shared" / "monai" / "meta_schema_20240725.json"
 BUNDLES = sorted(p.name for p in (REPO / "bundles").iterdir() if (p / "configs" / "train.json").is_file())
 # keys every inference.json holds; train.json adds the training ones (evaluate.json overrides train.json)

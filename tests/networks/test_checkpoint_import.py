@@ -1,7 +1,7 @@
 """Importing checkpoints released with the original repositories (``fsmis import-checkpoint``).
 
 Each synthetic checkpoint has exactly the parameter names and shapes of the reference model, as recorded in
-``tests/fixtures/reference_checkpoints/<method>.json`` from the public code (the header names the repository,
+``tests/networks/fixtures/reference_checkpoints/<method>.json`` from the public code (the header names the repository,
 commit and file). Tensor ``i`` of the fixture holds the constant ``i`` (a stride-0 view, so a ResNet-101
 costs no memory), which shows where every value lands. The expected destinations below were written by
 hand from the reference code, not taken from the converter.

@@ -115,7 +115,7 @@ def test_own_masks_with_any_raw_value(cmr_dir, tmp_path):
         load_support(image, own, 255, 1, dataset="chaos")
 
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _inference_json(bundle: str, **override):

@@ -314,7 +314,7 @@ def test_workers_zero_and_two_give_identical_batches(sv_volumes, sp_volumes):
 
 def test_time_episodes_reports_seconds(sv_volumes):
     """``time_episodes`` lives in bench/data_loading.py (a measuring helper, not library code)."""
-    spec = importlib.util.spec_from_file_location("data_loading", Path(__file__).parents[1] / "bench" / "data_loading.py")
+    spec = importlib.util.spec_from_file_location("data_loading", Path(__file__).parents[2] / "bench" / "data_loading.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     ds = SupervoxelEpisodeDataset(sv_volumes, length=4, min_size=MIN_SIZE, augmentation=None)

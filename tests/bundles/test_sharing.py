@@ -21,7 +21,7 @@ from fsmis_monai.networks.methods import build_method
 
 from _tiny_chaos import liver_window
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _publish(bundle: Path, name: str, tmp: Path) -> Path:

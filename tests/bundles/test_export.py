@@ -32,7 +32,7 @@ from fsmis_monai.transforms.overlays import overlay_slices
 
 from _tiny_chaos import LIVER, liver_window
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCHEMA = REPO.parent / "shared" / "monai" / "meta_schema_20240725.json"
 
 

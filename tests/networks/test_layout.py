@@ -1,7 +1,7 @@
 """Faithful through the bundle: a bundle's ``faithful`` reaches its encoder, and checkpoints know their layout.
 
 The released LSLPN checkpoint is synthesised from the reference names and shapes recorded in
-``tests/fixtures/reference_checkpoints/lslpn.json`` (tensor ``i`` holds the constant ``i``). The Caffe layout
+``tests/networks/fixtures/reference_checkpoints/lslpn.json`` (tensor ``i`` holds the constant ``i``). The Caffe layout
 expected of it is read off ``LS:code/models/resnet.py`` (layer2's stride on its 1x1 conv, ceil-mode max pool):
 65 x 65 features for a 512 x 512 input, 9 x 9 for 64 x 64, where the torchvision layout gives 64 / 8.
 """
@@ -25,7 +25,7 @@ from fsmis_monai.networks.checkpoint_import import convert_state_dict
 from fsmis_monai.networks.layout import LayoutMismatchError, load_weights, network_layout, read_layout
 from fsmis_monai.networks.methods import build_method
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FIXTURES = Path(__file__).parent / "fixtures" / "reference_checkpoints"
 BUNDLES = sorted(p.name for p in (REPO / "bundles").iterdir() if (p / "configs" / "train.json").is_file())
 

@@ -39,7 +39,7 @@ from fsmis_monai.io import torch_load, torch_save
 
 from _tiny_chaos import liver_window
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCHEMA = REPO.parent / "shared" / "monai" / "meta_schema_20240725.json"
 BUNDLES = sorted(p.name for p in (REPO / "bundles").iterdir() if (p / "configs").is_dir())
 MAX_FILE_BYTES = 2 * 1024 * 1024

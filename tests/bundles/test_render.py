@@ -29,7 +29,7 @@ from fsmis_monai.cli import main as fsmis_main
 
 from _tiny_chaos import liver_window
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BUNDLES = REPO / "bundles"
 METHODS = ("adnet", "difd", "gmrd", "lslpn", "pami", "qnet", "ssl_alpnet")
 # run forms of the shipped configs (evaluate.json and multi_gpu_train.json override train.json)

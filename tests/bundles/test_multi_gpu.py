@@ -22,7 +22,7 @@ from fsmis_monai.networks.methods import build_method
 
 from _tiny_chaos import liver_window
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ITERATIONS = 3
 
 # Appended after train.json + multi_gpu_train.json: every rank writes what it did (test instrumentation only).
