@@ -1,6 +1,7 @@
-"""Checks shared by the method tests (LSLPN, GMRD, PAMI, DIFD): a real CHAOS episode at a small size and
-the contract checks every method must pass (training step, determinism, encode_support + segment ==
-forward, fitting one real episode)."""
+"""Helpers of the method tests (``tests/networks``): a real CHAOS episode at a small size, a synthetic episode
+(with ignored pixels) for SSL-ALPNet / ADNet / Q-Net, NumPy versions of cosine and MAP, and the contract checks
+every method must pass (training step, determinism, encode_support + segment == forward, fitting one real
+episode), run by ``test_contract.py``."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from fsmis_monai.io import load_nifti
+from fsmis_monai.networks.methods import build_method
 from fsmis_monai.networks.encoders import SmallEncoder
 
 
@@ -166,3 +168,43 @@ def check_fits_episode(model, ep, steps: int = 12, lr: float = 1e-3) -> None:
         final = run(model, ep, labels=False)["logits"]
     assert np.mean(losses[-3:]) < 0.9 * np.mean(losses[:3]), losses
     assert dice(final, ep["query_labels"]) > max(dice(first, ep["query_labels"]), 0.5)
+
+
+# ----------------------------------------------- synthetic episodes and NumPy helpers (SSL-ALPNet, ADNet, Q-Net)
+
+SIZE = 64
+LOSS_TERMS = {"ssl_alpnet": {"query_ce", "align"}, "adnet": {"query_nll", "align", "threshold"}, "qnet": {"query_nll", "align"}}
+
+
+def synthetic_episode(batch: int = 2, shots: int = 2, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    support = torch.randn(batch, shots, 3, SIZE, SIZE, generator=g)
+    masks = torch.zeros(batch, shots, SIZE, SIZE)
+    masks[..., 12:44, 16:52] = 1.0
+    query = torch.randn(batch, 3, SIZE, SIZE, generator=g)
+    labels = torch.zeros(batch, SIZE, SIZE, dtype=torch.long)
+    labels[:, 16:40, 20:48] = 1
+    labels[:, :2] = 255
+    return support, masks, query, labels
+
+
+def build(name: str, seed: int = 0, **kwargs):
+    torch.manual_seed(seed)
+    return build_method(name, encoder="small", **kwargs)
+
+
+def fg_probability(logits: torch.Tensor) -> np.ndarray:
+    return torch.softmax(logits, dim=1)[:, 1].detach().numpy()
+
+
+def np_cos(features: np.ndarray, proto: np.ndarray, eps: float) -> np.ndarray:
+    """cos(f(x), p) for features [C, h, w] with norms clamped at eps."""
+    f = features / np.maximum(np.linalg.norm(features, axis=0, keepdims=True), eps)
+    return np.einsum("chw,c->hw", f, proto / max(np.linalg.norm(proto), eps))
+
+
+def np_map_upsampled(features: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+    """MAP of one image's features upsampled (bilinear, align_corners=False) to the mask size: [C]."""
+    up = F.interpolate(features[None], size=mask.shape, mode="bilinear", align_corners=False)[0].numpy()
+    m = mask.numpy()
+    return (up * m).sum(axis=(1, 2)) / (m.sum() + 1e-5)

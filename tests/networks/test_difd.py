@@ -13,10 +13,6 @@ import torch.nn.functional as F
 
 from fsmis_monai.networks.methods.difd import DIFD, DualInterspersion, fusion_factor, patch_prototypes, random_boxes
 from method_checks import (
-    check_deterministic,
-    check_fits_episode,
-    check_segment_matches_forward,
-    check_training_step,
     episode,  # noqa: F401 (fixture)
     one_thread,  # noqa: F401 (autouse fixture)
     run,
@@ -187,27 +183,6 @@ def test_empty_support_mask_has_no_fg_patches(episode):
         state = model.encode_support(episode["support_images"][0], torch.zeros_like(episode["support_masks"][0]))
         assert len(state["bases"]["fg"]) == 2  # the (zero) global MAP, appended again at the end
         assert torch.isfinite(model.segment(episode["query_images"], state)).all()
-
-
-@pytest.mark.parametrize("faithful", [False, True])
-def test_training_step(episode, faithful):
-    model = _model(faithful=faithful)
-    check_training_step(
-        model, episode, {"query_nll", "query_boundary", "align_nll", "align_boundary"}, [model.fuse, model.fg_decoder, model.bg_decoder]
-    )
-
-
-def test_deterministic(episode):
-    check_deterministic(_model, episode)
-
-
-@pytest.mark.parametrize("faithful", [False, True])
-def test_segment_matches_forward(episode, faithful):
-    check_segment_matches_forward(_model(faithful=faithful), episode)
-
-
-def test_fits_real_episode(episode):
-    check_fits_episode(_model(), episode, steps=16, lr=3e-3)
 
 
 def test_fresh_interspersion_draws_without_a_seed(episode):

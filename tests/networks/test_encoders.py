@@ -14,6 +14,7 @@ from torchvision.models.segmentation import deeplabv3_resnet101
 
 from fsmis_monai.io import FsmisInputError, torch_save
 from fsmis_monai.networks.encoders import ENCODERS, build_encoder, load_pretrained_weights
+from fsmis_monai.networks.methods import build_method
 
 
 @pytest.fixture(scope="module")
@@ -191,3 +192,16 @@ def test_resnet_of_another_depth_is_refused(encoders, coco_deeplab_r101):
     for name in ("deeplabv3_resnet101", "qnet_resnet101"):
         with pytest.raises(FsmisInputError, match=r"layer3: 6 blocks in the checkpoint, 23 in the encoder"):
             load_pretrained_weights(encoders[name], r50)
+
+
+def test_pretrained_weights_reach_a_given_encoder_module(tmp_path):
+    from fsmis_monai.io import torch_save
+    from fsmis_monai.networks.encoders import build_encoder
+
+    torch.manual_seed(8)
+    source = build_encoder("small")
+    torch_save({"model": {"encoder." + k: v for k, v in source.state_dict().items()}}, tmp_path / "trained.pt")
+    torch.manual_seed(9)
+    model = build_method("adnet", encoder=build_encoder("small"), pretrained_weights=tmp_path / "trained.pt")
+    assert len(model.encoder.weight_report.matched) == len(source.state_dict())
+    assert torch.equal(model.encoder.stem.conv.weight, source.stem.conv.weight)

@@ -17,10 +17,6 @@ from fsmis_monai.networks.methods.gmrd import (
     outer_edge_mask,
 )
 from method_checks import (
-    check_deterministic,
-    check_fits_episode,
-    check_segment_matches_forward,
-    check_training_step,
     episode,  # noqa: F401 (fixture)
     one_thread,  # noqa: F401 (autouse fixture)
     small_encoder,
@@ -124,24 +120,6 @@ def test_switches():
     assert released.auxiliary_weight == 0 and paper.auxiliary_weight == 0.5
 
 
-def test_training_step(episode):
-    model = _model()
-    check_training_step(model, episode, {"query_nll", "align", "aux"}, [model.fg_mlp, model.bg_mlp, model.fg_decoder, model.bg_decoder])
-
-
-def test_training_step_faithful(episode):
-    model = _model(faithful=True)
-    check_training_step(model, episode, {"query_nll", "align"}, [model.fg_decoder, model.bg_decoder])
-
-
-def test_deterministic(episode):
-    check_deterministic(_model, episode)
-
-
-def test_segment_matches_forward(episode):
-    check_segment_matches_forward(_model(), episode)
-
-
 def test_empty_support_mask_uses_threshold_fallback(episode):
     model = _model().eval()
     ep = dict(episode, support_masks=torch.zeros_like(episode["support_masks"]))
@@ -155,7 +133,3 @@ def test_empty_support_mask_uses_threshold_fallback(episode):
         torch.testing.assert_close(torch.softmax(logits, 1)[:, 1], p.reshape(-1, 1, 1).expand(-1, 64, 64), atol=1e-5, rtol=0)
     out = model.train()(ep["support_images"], ep["support_masks"], ep["query_images"], ep["query_labels"])
     assert torch.isfinite(model.total_loss(out))
-
-
-def test_fits_real_episode(episode):
-    check_fits_episode(_model(), episode)

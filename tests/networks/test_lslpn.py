@@ -9,10 +9,6 @@ import torch
 
 from fsmis_monai.networks.methods.lslpn import LSLPN, window_starts
 from method_checks import (
-    check_deterministic,
-    check_fits_episode,
-    check_segment_matches_forward,
-    check_training_step,
     episode,  # noqa: F401 (fixture)
     one_thread,  # noqa: F401 (autouse fixture)
     small_encoder,
@@ -120,23 +116,6 @@ def test_corrected_scores_are_true_cosines_faithful_floor_at_minus_one():
     assert corrected.min() < -1.0
     assert faithful.min() >= -1.0
     torch.testing.assert_close(faithful, corrected.clamp(min=-1.0))
-
-
-def test_training_step(episode):
-    check_training_step(_model(), episode, {"query_ce"}, [])
-
-
-def test_deterministic(episode):
-    check_deterministic(_model, episode)
-
-
-@pytest.mark.parametrize("faithful", [False, True])
-def test_segment_matches_forward(episode, faithful):
-    check_segment_matches_forward(_model(faithful), episode)
-
-
-def test_fits_real_episode(episode):
-    check_fits_episode(_model(), episode)
 
 
 def test_query_size_must_match_support(episode):

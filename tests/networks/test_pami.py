@@ -5,15 +5,11 @@ CHAOS episode."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from fsmis_monai.networks.methods.pami import PAMI, farthest_point_sampling, voronoi_region_prototypes
 from method_checks import (
-    check_deterministic,
-    check_fits_episode,
     check_segment_matches_forward,
-    check_training_step,
     episode,  # noqa: F401 (fixture)
     one_thread,  # noqa: F401 (autouse fixture)
     small_encoder,
@@ -113,22 +109,3 @@ def test_interactive_threshold_drops_low_affinities():
     w = torch.softmax(torch.tensor([3.0, 1.0, -10000.0, 0.5]), 0)[:, None]
     expect = torch.nn.functional.layer_norm(w @ p.mean(0, keepdim=True) + p, (32,), block.norm.weight, block.norm.bias)
     torch.testing.assert_close(out, expect)
-
-
-@pytest.mark.parametrize("faithful", [False, True])
-def test_training_step(episode, faithful):
-    model = _model(faithful=faithful)
-    check_training_step(model, episode, {"query_nll", "align", "proto_mse", "query_self"}, [model.debias.query_injection, model.debias.merge])
-
-
-def test_deterministic(episode):
-    check_deterministic(_model, episode)
-
-
-@pytest.mark.parametrize("faithful", [False, True])
-def test_segment_matches_forward(episode, faithful):
-    check_segment_matches_forward(_model(faithful=faithful), episode)
-
-
-def test_fits_real_episode(episode):
-    check_fits_episode(_model(), episode)
