@@ -37,7 +37,7 @@ from fsmis_monai.engines import ensure_pseudolabels
 from fsmis_monai.export import FrozenFewShotSegmenter
 from fsmis_monai.io import torch_load, torch_save
 
-from _tiny_chaos import liver_window
+from _real_scans import liver_window
 
 REPO = Path(__file__).resolve().parents[2]
 SCHEMA = REPO.parent / "shared" / "monai" / "meta_schema_20240725.json"

@@ -30,7 +30,7 @@ from fsmis_monai.io import FsmisInputError, save_nifti, torch_load, torch_save
 from fsmis_monai.networks.methods import METHODS, build_method
 from fsmis_monai.transforms.overlays import overlay_slices
 
-from _tiny_chaos import LIVER, liver_window
+from _real_scans import LIVER, liver_window
 
 REPO = Path(__file__).resolve().parents[2]
 SCHEMA = REPO.parent / "shared" / "monai" / "meta_schema_20240725.json"

@@ -20,7 +20,7 @@ from fsmis_monai.engines import ensure_pseudolabels
 from fsmis_monai.io import torch_load
 from fsmis_monai.networks.methods import build_method
 
-from _tiny_chaos import liver_window
+from _real_scans import liver_window
 
 REPO = Path(__file__).resolve().parents[2]
 ITERATIONS = 3

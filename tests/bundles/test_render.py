@@ -27,7 +27,7 @@ from monai.bundle import ConfigParser, ConfigWorkflow
 from fsmis_monai.bundles import LAYERS, SOURCE, methods, render_all, stale_files
 from fsmis_monai.cli import main as fsmis_main
 
-from _tiny_chaos import liver_window
+from _real_scans import liver_window
 
 REPO = Path(__file__).resolve().parents[2]
 BUNDLES = REPO / "bundles"

@@ -19,7 +19,7 @@ from fsmis_monai.commands.freeze import freeze_bundle
 from fsmis_monai.io import torch_save
 from fsmis_monai.networks.methods import build_method
 
-from _tiny_chaos import liver_window
+from _real_scans import liver_window
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -19,7 +19,8 @@ from monai.bundle import ConfigWorkflow
 from fsmis_monai.engines import ensure_pseudolabels
 from fsmis_monai.io import FsmisInputError, torch_load
 
-from _hardening_data import REPO, train_overrides, write_chaos_window
+from _real_scans import write_chaos_window
+from _training_run import REPO, train_overrides
 
 LR, GAMMA, STEP = 1e-3, 0.5, 2  # MultiStepLR milestones: range(STEP, max_iterations, STEP)
 

@@ -18,7 +18,8 @@ from fsmis_monai.data.volumes import load_volume
 from fsmis_monai.engines import ensure_pseudolabels
 from fsmis_monai.io import torch_load
 
-from _hardening_data import REPO, train_overrides, write_chaos_window
+from _real_scans import write_chaos_window
+from _training_run import REPO, train_overrides
 
 ITERATIONS = 4
 

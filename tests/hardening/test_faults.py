@@ -19,7 +19,8 @@ import torch
 from fsmis_monai.engines import ensure_pseudolabels
 from fsmis_monai.io import FsmisInputError, torch_load
 
-from _hardening_data import REPO, TRAIN_SCRIPT, train_overrides, write_chaos_window
+from _real_scans import write_chaos_window
+from _training_run import REPO, TRAIN_SCRIPT, train_overrides
 
 
 @pytest.fixture(scope="module")

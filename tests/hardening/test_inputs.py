@@ -18,7 +18,8 @@ from fsmis_monai.data.volumes import load_volume, load_volumes, training_volumes
 from fsmis_monai.engines.inference import FewShotVolumeInferer, load_support
 from fsmis_monai.io import FsmisInputError, load_nifti, save_nifti
 
-from _hardening_data import REPO, write_chaos_window
+from _real_scans import write_chaos_window
+from conftest import REPO_ROOT as REPO
 
 SIZE, DEPTH = 64, 8
 

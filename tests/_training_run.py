@@ -1,28 +1,11 @@
-"""Small real-scan material shared by the hardening tests: CHAOS windows and a tiny training run script."""
+"""A tiny ADNet bundle training run shared by the hardening and engine tests: its overrides and a script that
+runs it in a subprocess (optionally killed mid-run)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
-
-from fsmis_monai.io import save_nifti
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def write_chaos_window(chaos_dir: Path, out: Path, ids=(1, 2), size: int = 96, depth: int = 10) -> Path:
-    """Real CHAOS scans cut to ``size x size x depth`` through the liver (image float32, label uint8)."""
-    for i in ids:
-        image = nib.load(chaos_dir / f"image_{i}.nii.gz")
-        label = np.asarray(nib.load(chaos_dir / f"label_{i}.nii.gz").dataobj)
-        zs = np.flatnonzero((label == 1).any(axis=(0, 1)))
-        z0 = int(zs[len(zs) // 2]) - depth // 2
-        window = (slice(56, 56 + size), slice(72, 72 + size), slice(z0, z0 + depth))
-        save_nifti(out / f"image_{i}.nii.gz", np.asarray(image.dataobj)[window].astype(np.float32), affine=image.affine)
-        save_nifti(out / f"label_{i}.nii.gz", label[window].astype(np.uint8), affine=image.affine)
-    return out
+from conftest import REPO_ROOT as REPO  # noqa: F401 (the repository the run script reads bundles from)
 
 
 def train_overrides(data: Path, pseudo: Path, out: Path, **extra) -> dict:
