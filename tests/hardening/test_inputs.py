@@ -376,7 +376,7 @@ def test_config_errors_are_clear(scans, tmp_path):
 def test_damaged_dicom_slice_is_named_and_a_stray_note_ignored(chaos_dir, tmp_path, fault):
     """A CHAOS series (real slices written as DICOM): a truncated slice or a ``.dcm`` that is no DICOM fails
     the scan naming that file (readers would drop it silently: a lost slice); a note in the folder is ignored."""
-    from test_preprocessing import load_real, make_chaos_raw
+    from _raw_scans import load_real, make_chaos_raw
 
     from fsmis_monai.preprocess import run_preprocessing
 
