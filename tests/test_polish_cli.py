@@ -53,3 +53,14 @@ def test_unknown_class_or_dataset_is_one_line_listing_known(chaos_pair, tmp_path
     line = _error_line(capsys.readouterr().err)
     assert line.startswith(f"error: {option}: ") and named in line and known in line
     assert not (tmp_path / "out").exists()  # refused before anything ran
+
+
+def test_prototype_baseline_takes_an_encoder_name():
+    """`--method prototype --method-kwargs '{"encoder": "small"}'` used to keep the string as the encoder."""
+    from torch import nn
+
+    from fsmis_monai.networks.encoders import SmallEncoder
+    from fsmis_monai.networks.methods import build_method
+
+    method = build_method("prototype", encoder="small")
+    assert isinstance(method.encoder, SmallEncoder) and isinstance(method.encoder, nn.Module)
