@@ -131,7 +131,7 @@ def _inference_config(method_def: dict, spec: dict, refine: bool, size: list[int
         "inferer": {"_target_": "SliceInferer", "spatial_dim": 2, "roi_size": "@image_size",
                     "sw_batch_size": "@sw_batch_size", "overlap": 0.0, "progress": False},
         "postprocessing": "$fsmis_monai.engines.inference.prediction_postprocessing(@preprocessing, @output_dir, "
-                          "'seg', @keep_largest_component, @write_overlays)",
+                          "keep_largest=@keep_largest_component, write_overlays=@write_overlays)",
         "handlers": [
             {"_target_": "CheckpointLoader", "load_path": "@ckpt_path", "load_dict": {"model": "@network"},
              "map_location": "@device"},

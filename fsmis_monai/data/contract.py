@@ -22,11 +22,12 @@ transform, so ``Invertd`` writes a prediction back in the query file's own geome
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional, Sequence
+from typing import Any, Literal, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -344,9 +345,15 @@ class LoadNiftid(LoadImaged):
 
 def loader(keys: Sequence[str]) -> "Pipeline":
     """``LoadImaged -> EnsureChannelFirstd`` for ``keys`` (stored dtype kept): the first stage of
-    :func:`build_pipeline`, separate so callers can check what was read (label values, geometry) first."""
-    return Pipeline([LoadNiftid(list(keys), image_only=True, dtype=None),
-                    EnsureChannelFirstd(list(keys))])
+    :func:`build_pipeline`, separate so callers can check what was read (label values, geometry) first.
+    Built once per process and key set: MONAI's ``LoadImage`` instantiates every registered reader when it is
+    built (each unavailable optional one logs a line), so one per scan would repeat that per scan."""
+    return _loader(tuple(keys))
+
+
+@functools.lru_cache(maxsize=None)
+def _loader(keys: Tuple[str, ...]) -> "Pipeline":
+    return Pipeline([LoadNiftid(list(keys), image_only=True, dtype=None), EnsureChannelFirstd(list(keys))])
 
 
 def build_pipeline(

@@ -110,7 +110,12 @@ def query_preprocessing(contract: DataContract, channels: int = 1) -> Compose:
     return pipeline if channels == 1 else Compose([pipeline, RepeatChanneld("image", repeats=channels)])
 
 
-def prediction_postprocessing(preprocessing: Compose, output_dir: str | Path, output_postfix: str = "fewshot",
+#: postfix of every written prediction, ``<name>_seg.nii.gz`` (the model zoo's convention), for the training
+#: bundles' inference and the frozen bundles of ``fsmis freeze`` alike
+OUTPUT_POSTFIX = "seg"
+
+
+def prediction_postprocessing(preprocessing: Compose, output_dir: str | Path, output_postfix: str = OUTPUT_POSTFIX,
                               keep_largest: bool = False, write_overlays: bool = True) -> Compose:
     """``pred`` logits ``[2, H, W, D]`` on the network's grid -> argmax -> ``Invertd`` back to the query file's
     own geometry (shape and affine of the input, nearest) -> optionally ``KeepLargestConnectedComponentd`` ->

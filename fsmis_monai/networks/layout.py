@@ -197,7 +197,37 @@ def load_weights(network: nn.Module, path: "str | os.PathLike[str]", strict: boo
     return network
 
 
+def load_bundle_network(bundle_dir: "str | os.PathLike[str]", model_file: str = "models/model.pt",
+                        config_file: str = "configs/inference.json", map_location: Any = "cpu") -> nn.Module:
+    """The network of a training bundle folder with its ``models/model.pt``, built in the checkpoint's layout.
+
+    ``monai.bundle.load`` builds the network the bundle's config names (the paper encoder) and copies the
+    weights with ``copy_model_state``, which drops the layout record and skips every tensor whose shape
+    differs: a ``model.pt`` trained with ``--encoder small`` then loads 1 of 626 tensors into an untrained
+    network, with only a log line to say so. Here the encoder comes from the checkpoint's layout record
+    (:func:`read_layout`; the config's when the file has none) and the weights load with :func:`load_weights`:
+    every key, checked against the record.
+
+    Raises :class:`LayoutMismatchError` when the record differs in more than the encoder (e.g. the ``faithful``
+    layout; the message names the setting to change) and :class:`~fsmis_monai.io.FsmisInputError` when the
+    file is missing or its tensors do not fit, both naming the file.
+    """
+    from monai.bundle import ConfigParser
+
+    root = os.fspath(bundle_dir)
+    path = os.path.join(root, model_file)
+    if not os.path.isfile(path):
+        raise FsmisInputError(f"{path}: no such checkpoint (a training bundle ships its weights as {model_file})")
+    parser = ConfigParser()
+    parser.read_config(os.path.join(root, config_file))
+    parser["bundle_root"] = root
+    record = read_layout(path)
+    if record and record.get("encoder"):
+        parser["network_def#encoder"] = record["encoder"]
+    return load_weights(parser.get_parsed_content("network_def"), path, strict=True, map_location=map_location)
+
+
 __all__ = [
-    "RECORD_KEY", "SHAPE_SWITCHES", "LayoutMismatchError", "check_layout", "describe", "load_weights",
-    "network_layout", "read_layout", "record_and_check_layout", "with_layout",
+    "RECORD_KEY", "SHAPE_SWITCHES", "LayoutMismatchError", "check_layout", "describe", "load_bundle_network",
+    "load_weights", "network_layout", "read_layout", "record_and_check_layout", "with_layout",
 ]

@@ -186,7 +186,7 @@ def test_freeze_command_writes_a_bundle_monai_can_check_export_and_run(tiny_scan
         wf.finalize()
     pred = nib.load(tmp_path / "frozen_pred" / "patient_b_seg.nii.gz")
     assert pred.shape == src.shape and np.allclose(pred.affine, affine)
-    reference = np.asarray(nib.load(tmp_path / "source_pred" / "patient_b_fewshot.nii.gz").dataobj)
+    reference = np.asarray(nib.load(tmp_path / "source_pred" / "patient_b_seg.nii.gz").dataobj)
     np.testing.assert_array_equal(np.asarray(pred.dataobj), reference)
     for folder in ("frozen_pred", "source_pred"):  # both inference.json write overlay PNGs beside the NIfTI
         overlay = plt.imread(tmp_path / folder / "patient_b_overlay.png")

@@ -161,6 +161,6 @@ def test_inference_json_writes_predictions_on_query_grid(tiny_data, tmp_path):
     wf.finalize()
     loaded = wf.parser.get_parsed_content("network")
     assert torch.equal(next(loaded.parameters()), next(net.parameters()))  # CheckpointLoader filled the network
-    out = nib.load(tmp_path / "pred" / "patient_a_fewshot.nii.gz")
+    out = nib.load(tmp_path / "pred" / "patient_a_seg.nii.gz")
     assert out.shape == src.shape and np.allclose(out.affine, affine)
     assert set(np.unique(np.asarray(out.dataobj)).tolist()) <= {0, 1}

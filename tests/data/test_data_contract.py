@@ -205,7 +205,7 @@ def test_inference_json_writes_each_query_in_its_own_geometry(chaos_dir, tmp_pat
     original = load(str(src))
     preds = {}
     for k, path in paths.items():
-        written = nib.load(str(tmp_path / "pred" / f"{k}_fewshot.nii.gz"))
+        written = nib.load(str(tmp_path / "pred" / f"{k}_seg.nii.gz"))
         stored = nib.load(str(path))
         assert written.shape == stored.shape and np.allclose(written.affine, stored.affine, atol=1e-4), k
         preds[k] = ResampleToMatch(mode="nearest")(load(str(written.get_filename())), original)[0].numpy() > 0.5
@@ -322,7 +322,7 @@ def test_released_cmr_labels_and_own_masks_in_inference_json_and_freeze(tiny_cmr
                              device="$torch.device('cpu')")
         wf.run()
         wf.finalize()
-        written = nib.load(tmp_path / run / "image_2_fewshot.nii.gz")
+        written = nib.load(tmp_path / run / "image_2_seg.nii.gz")
         assert written.shape == (96, 96, 6) and np.allclose(written.affine, nib.load(tiny_cmr / "image_2.nii.gz").affine)
         preds[run] = np.asarray(written.dataobj)
         out = freeze_bundle(REPO / "bundles" / "adnet", tiny_cmr / "image_1.nii.gz", tiny_cmr / f"{label}.nii.gz",

@@ -74,7 +74,8 @@ class ADNet(FewShotSegmenter):
         return masked_average_pooling(features, masks.to(features.dtype)).mean(dim=0)
 
     def probability(self, features: torch.Tensor, prototype: torch.Tensor) -> torch.Tensor:
-        """Foreground probability [N, 1, h, w] at feature resolution."""
+        """Foreground probability [N, 1, h, w] in [0, 1] at feature resolution: features [N, C, h, w] against
+        ``prototype`` [C] with the learned threshold (docs/reference.md#adnet)."""
         return threshold_probability(features, prototype, self.threshold, self.scale).unsqueeze(1)
 
     @staticmethod
@@ -100,6 +101,8 @@ class ADNet(FewShotSegmenter):
         return logits, {"align": self._alignment_loss(q_feats, prob, s_feats, support_masks)}
 
     def training_losses(self, logits, query_labels, episode_means):
+        """Weighted NLL (0.1, 1) of the logits [B, 2, H, W] against labels [B, H, W], the weighted alignment
+        mean and the threshold loss T / 20 (docs/reference.md#shared-losses)."""
         return {
             "query_nll": weighted_nll(logits, query_labels, self.class_weights),
             "align": self.align_weight * episode_means["align"],

@@ -89,7 +89,8 @@ class ALPNet(FewShotSegmenter):
         return {"bg": bg, "fg": fg}
 
     def scores(self, features: torch.Tensor, state: SupportState) -> torch.Tensor:
-        """[S_bg, S_fg] at feature resolution: softmax-weighted scaled cosine to each class's prototypes."""
+        """Scores [N, 2, h, w] ([S_bg, S_fg], units of ``scale`` x cosine) of features [N, C, h, w] at feature
+        resolution: softmax-weighted scaled cosine to each class's prototypes (docs/reference.md#ssl-alpnet)."""
         return torch.cat(
             [softmax_weighted_score(features, state[c], self.scale, self.norm_eps) for c in ("bg", "fg")], dim=1
         )
@@ -121,6 +122,8 @@ class ALPNet(FewShotSegmenter):
         return logits, {"align": self._alignment_loss(q_feats, score, s_feats, masks)}
 
     def training_losses(self, logits, query_labels, episode_means):
+        """Weighted cross-entropy (0.05, 1) of the logits [B, 2, H, W] against labels [B, H, W] plus the
+        weighted alignment mean (docs/reference.md#ssl-alpnet, losses)."""
         return {
             "query_ce": weighted_cross_entropy(logits, query_labels, self.class_weights),
             "align": self.align_weight * episode_means["align"],

@@ -219,6 +219,7 @@ class DeploymentDecoder(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Decoder input [N, in_channels, h, w] (:meth:`DIFD.deploy`) -> one logit map [N, 1, h, w]."""
         x = self.res1(self.merge(x))
         return self.cls(self.res2(x) + x)
 
@@ -326,11 +327,27 @@ class DIFD(FewShotSegmenter):
         return torch.cat([target, deployed] + maps, dim=1)
 
     def logits_from_bases(self, bases, target, source, source_mask, tau_pseudo, tau_deploy, size) -> torch.Tensor:
+        """Logits [N, 2, H, W] ([bg, fg]) of target features [N, C, h, w]: interactive feature refinement and
+        flexible deployment (:meth:`deploy`) of each class's bases, then that class's decoder
+        (docs/reference.md#difd, IFR + FD).
+
+        Args:
+            bases: {"fg", "bg"} [n + 1, C] from :meth:`bases` (last row: global MAP).
+            target: features [N, C, h, w] of the images segmented (the query; the support in the alignment).
+            source / source_mask: features [K, C, h, w] and {0, 1} masks [K, H, W] the bases came from
+                (the fusion factor; the background decoder gets ``1 - source_mask``).
+            tau_pseudo: encoder threshold logits [N] (pseudo-mask temperature 1 + scale * sigmoid(tau)).
+            tau_deploy: scalar threshold logit (deployment temperature).
+            size: (H, W) the logits are resized to (bilinear, align_corners=True).
+        """
         fg = self.fg_decoder(self.deploy(bases["fg"], target, source, source_mask, tau_pseudo, tau_deploy))
         bg = self.bg_decoder(self.deploy(bases["bg"], target, source, 1 - source_mask, tau_pseudo, tau_deploy))
         return resize_to(torch.cat([bg, fg], dim=1), tuple(size))
 
     def support_state(self, features: torch.Tensor, tau: torch.Tensor, masks: torch.Tensor) -> SupportState:
+        """State from support features [K, C, h, w], threshold logits tau [K] and masks [K, H, W]: the bases
+        ({"fg", "bg"} [n + 1, C]) and the shots kept for the fusion factor (the first only when ``faithful``,
+        docs/reference.md#quirk-difd-release)."""
         shots = slice(0, 1) if self.faithful else slice(None)
         return {
             "image_size": tuple(masks.shape[-2:]),
@@ -342,11 +359,15 @@ class DIFD(FewShotSegmenter):
         }
 
     def encode_support(self, support_images: torch.Tensor, support_masks: torch.Tensor) -> SupportState:
+        """:meth:`support_state` of support images [K, C, H, W] and masks [K, H, W]; ``ValueError`` on
+        inconsistent shapes (:func:`check_support`)."""
         check_support(support_images, support_masks)
         enc = self.encoder(support_images)
         return self.support_state(enc[self.feature_key], enc["tau"], support_masks)
 
     def query_logits(self, features: torch.Tensor, tau: torch.Tensor, state: SupportState) -> torch.Tensor:
+        """Logits [N, 2, H, W] of query features [N, C, h, w] with threshold logits tau [N]; H, W:
+        ``state["image_size"]``."""
         return self.logits_from_bases(
             state["bases"], features, state["features"], state["masks"], tau, state["tau"], state["image_size"]
         )
@@ -360,7 +381,17 @@ class DIFD(FewShotSegmenter):
 
     # -- training --------------------------------------------------------------------------------------
     def alignment_losses(self, state: SupportState, qry: torch.Tensor, qry_tau: torch.Tensor, logits: torch.Tensor):
-        """Bases from the predicted query mask segment every support shot: NLL and boundary-F1."""
+        """Alignment (docs/reference.md#shared-losses; DIFD weights it like the query loss,
+        docs/reference.md#difd): bases from the predicted query mask segment every support shot.
+
+        Args:
+            state: :meth:`support_state` of the episode; qry: query features [1, C, h, w]; qry_tau: [1];
+            logits: query logits [1, 2, H, W].
+
+        Returns:
+            {"align_nll", "align_boundary"}: scalars (weighted NLL in nats, boundary-F1 loss in [0, 1]); a
+            graph-connected zero for both when the predicted query mask is empty.
+        """
         pred = logits.argmax(dim=1).to(state["masks"].dtype)  # [1, H, W]
         if pred.sum() == 0:
             zero = logits.sum() * 0.0
@@ -387,6 +418,8 @@ class DIFD(FewShotSegmenter):
         return logits, self.alignment_losses(state, qry, qry_tau, logits)
 
     def training_losses(self, logits, query_labels, episode_means):
+        """Weighted NLL (0.1, 1) and boundary-F1 loss of the query logits [B, 2, H, W] against labels [B, H, W],
+        then the batch means of the alignment terms (docs/reference.md#difd, losses, each weight 1)."""
         probs = torch.softmax(logits, dim=1)
         return {
             "query_nll": probability_nll(probs, query_labels, self.class_weights),

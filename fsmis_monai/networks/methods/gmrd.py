@@ -140,6 +140,7 @@ class AffinityDecoder(nn.Module):
         )
 
     def forward(self, affinity: torch.Tensor) -> torch.Tensor:
+        """Cosine affinity maps [N, n + 2, h, w] to one class's descriptors -> one logit map [N, 1, h, w]."""
         x = self.reduce(affinity)
         return self.head(self.residual(x) + x)
 
@@ -266,6 +267,8 @@ class GMRD(FewShotSegmenter):
         }
 
     def encode_support(self, support_images: torch.Tensor, support_masks: torch.Tensor) -> SupportState:
+        """:meth:`support_state` of support images [K, C, H, W] and masks [K, H, W]; ``ValueError`` on
+        inconsistent shapes (:func:`check_support`) or a slice size the MLP was not built for."""
         check_support(support_images, support_masks)
         self._check_size(tuple(support_masks.shape[-2:]))
         enc = self.encoder(support_images)
@@ -279,6 +282,8 @@ class GMRD(FewShotSegmenter):
         return resize_to(torch.cat([bg_logit, fg_logit], dim=1), tuple(size))
 
     def query_logits(self, features: torch.Tensor, tau: torch.Tensor, state: SupportState) -> torch.Tensor:
+        """Logits [N, 2, H, W] of query features [N, C, h, w]: multiple affinity maps (:meth:`mamp_logits`), or
+        the Q-Net threshold with tau [N] after an empty support mask (docs/reference.md#gmrd)."""
         size = state["image_size"]
         if state["fallback"]:
             p = threshold_probability(features, state["prototype"], tau, self.scale)
@@ -295,7 +300,19 @@ class GMRD(FewShotSegmenter):
     def alignment_losses(
         self, supp_feats: torch.Tensor, supp_masks: torch.Tensor, qry_feats: torch.Tensor, qry_tau, logits, state
     ) -> Dict[str, torch.Tensor]:
-        """Segment the support with query representatives built from the predicted query mask."""
+        """Alignment (docs/reference.md#shared-losses): query descriptors built from the predicted query mask
+        segment the support; plus the paper's descriptor consistency term (docs/reference.md#gmrd, 0.5 x
+        intra + inter; absent from the released HEAD, docs/reference.md#quirk-gmrd-release).
+
+        Args:
+            supp_feats: support features [K, C, h, w]; supp_masks: {0, 1} masks [K, H, W].
+            qry_feats: query features [1, C, h, w]; qry_tau: scalar threshold logit (the fallback path).
+            logits: query logits [1, 2, H, W]; state: :meth:`support_state` of the episode.
+
+        Returns:
+            {"align", "aux"}: scalars (NLL in nats; weighted cosine terms); a graph-connected zero for both
+            when the predicted query mask is empty, "aux" zero without ``auxiliary_weight`` or on the fallback.
+        """
         zero = logits.sum() * 0.0
         pred = logits.argmax(dim=1)[0].to(supp_masks.dtype)  # [H, W]
         if pred.sum() == 0:
@@ -328,6 +345,8 @@ class GMRD(FewShotSegmenter):
         return logits, self.alignment_losses(s_feats, support_masks, q_feats, q_tau[0], logits, state)
 
     def training_losses(self, logits, query_labels, episode_means):
+        """Weighted NLL (0.1, 1) of the query logits [B, 2, H, W] against labels [B, H, W], the batch mean of
+        "align" and, with ``auxiliary_weight``, of "aux" (docs/reference.md#gmrd)."""
         losses = {
             "query_nll": probability_nll(torch.softmax(logits, dim=1), query_labels, self.class_weights),
             "align": episode_means["align"],

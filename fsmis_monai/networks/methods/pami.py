@@ -133,6 +133,7 @@ class ResidualMLP(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [L, d] -> [L, d]."""
         return self.norm(self.mlp(x) + x)
 
 
@@ -147,6 +148,7 @@ class SqueezeExcitation(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Prototypes [n, C] -> [n, C], each channel scaled by its SE weight in (0, 1)."""
         return x * self.fc(x.mean(0, keepdim=True))
 
 
@@ -168,10 +170,12 @@ class PrototypeDebiasing(nn.Module):
         self.merge = nn.Linear(2 * dim, dim)
 
     def transform(self, q: torch.Tensor, kv: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The shared attention, MLP and LayerNorm: q [Lq, C], kv [Lk, C] (default q) -> [Lq, C]."""
         return self.mlp(self.attention(q, kv, kv))
 
     def multi_direction(self, p_injected: torch.Tensor) -> torch.Tensor:
-        """MS block: self-attention, spatial and SE channel branches, two fusions -> [n, C]."""
+        """MS block: query-injected prototypes [n, C] -> self-attention, spatial and SE channel branches, two
+        fusions -> [n, C] (docs/reference.md#pami)."""
         calibrated = self.transform(p_injected)
         spatial = torch.stack([calibrated.argmax(dim=1).to(calibrated.dtype).detach(), calibrated.mean(dim=1)], dim=1)
         spatial = torch.sigmoid(self.spatial_weight(spatial)) * calibrated  # [n, C]
@@ -181,13 +185,17 @@ class PrototypeDebiasing(nn.Module):
         return self.merge(torch.cat([self.transform(fused_regions), self.transform(fused_channels)], dim=1))
 
     def interactive(self, prototypes: torch.Tensor, p_injected: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        """ID block: affinity of the calibrated prototypes to the calibrated query, thresholded softmax."""
+        """ID block: affinity [n, 1] of the calibrated prototypes (``p_injected`` [n, C]) to the calibrated query
+        [1, C], threshold floor((min + mean) / 2), softmax over the prototypes -> [n, C]
+        (docs/reference.md#pami)."""
         affinity = self.transform(p_injected) @ self.transform(query).t()  # [n, 1]
         k_c = torch.floor((affinity.min() + affinity.mean()) / 2)
         weights = torch.softmax(affinity.masked_fill(affinity < k_c, -10000.0), dim=0)
         return self.norm(weights @ prototypes.mean(0, keepdim=True) + p_injected)
 
     def forward(self, prototypes: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """One PRD step: regional prototypes [n, C] debiased against the coarse query prototype [1, C] -> [n, C]
+        (query injection, MS block, ID block; docs/reference.md#pami)."""
         injected = prototypes + self.query_injection(query.expand_as(prototypes).t()).t()
         fused = self.multi_direction(injected)
         interacted = self.interactive(prototypes, injected, query)
@@ -246,6 +254,7 @@ class PAMI(FewShotSegmenter):
 
     @property
     def paths(self) -> List[str]:
+        """Encoder outputs the method computes: those of non-zero weight, all of them with ``compute_unused_paths``."""
         return [k for k, w in self.path_weights.items() if w != 0 or self.compute_unused_paths]
 
     # -- RPL -------------------------------------------------------------------------------------------
@@ -286,15 +295,19 @@ class PAMI(FewShotSegmenter):
         return state
 
     def encode_support(self, support_images: torch.Tensor, support_masks: torch.Tensor) -> SupportState:
+        """RPL state (:meth:`support_state`) of support images [K, C, H, W] and masks [K, H, W]; ``ValueError``
+        on inconsistent shapes (:func:`check_support`)."""
         check_support(support_images, support_masks)
         return self.support_state(self.encoder(support_images), support_masks)
 
     def coarse_query_prototype(self, features: torch.Tensor, prototype: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-        """QPC: soft MAP [N, C] of query features [N, C, h, w] under the prediction of ``prototype``."""
+        """QPC: soft MAP [N, C] of query features [N, C, h, w] under the prediction of ``prototype`` [C] with
+        thresholds ``tau`` [N] (docs/reference.md#pami, the coarse query prototype)."""
         return masked_average_pooling(features, threshold_probability(features, prototype, tau, self.scale))
 
     def refine(self, features: torch.Tensor, tau: torch.Tensor, state: SupportState, key: str) -> torch.Tensor:
-        """QPC + ``n_iterations`` x PRD for one query [1, C, h, w] -> refined support prototype [C]."""
+        """QPC + ``n_iterations`` x PRD for one query [1, C, h, w], tau [1] -> refined support prototype [C] of
+        path ``key`` (docs/reference.md#pami, PRD three times)."""
         coarse = self.coarse_query_prototype(features, state["global"][key], tau)
         regions = state["regions"][key]
         for _ in range(self.n_iterations):
@@ -304,7 +317,9 @@ class PAMI(FewShotSegmenter):
         return support
 
     def predict(self, feats: Dict[str, torch.Tensor], tau: torch.Tensor, state: SupportState) -> torch.Tensor:
-        """Fused foreground probability [N, H, W] of the queries (AP with t = 1: the refined prototype's)."""
+        """Fused foreground probability [N, H, W] in [0, 1] of the queries, from encoder outputs
+        {path: [N, C, h, w]} and tau [N] (assembled prediction with weight 1: the refined prototype's;
+        docs/reference.md#pami). H, W: ``state["image_size"]``."""
         size = tuple(state["image_size"])
         probs = {}
         for key in self.paths:
@@ -316,13 +331,26 @@ class PAMI(FewShotSegmenter):
         return encoder_features(self.encoder, query_images, (*self.paths, "tau"))
 
     def segment_encoded(self, features: QueryFeatures, state: SupportState) -> torch.Tensor:
-        """Logits of encoded queries; QPC and PRD run per query on its encoded features."""
+        """Logits [N, 2, H, W] of encoded queries; QPC and PRD run per query on its encoded features."""
         state = {**state, "image_size": tuple(features.image_size)}  # logits at the query's size, not the support's
         return foreground_probability_to_logits(self.predict(features.maps, features["tau"], state))
 
     # -- training --------------------------------------------------------------------------------------
     def episode_losses(self, supp, supp_tau, masks, qry, qry_tau, state, probability, labels):
-        """Alignment, prototype MSE and query self-loss of one episode (one query)."""
+        """Alignment, prototype MSE and query self-loss of one episode (one query); PAMI's three episode terms
+        (docs/reference.md#pami, losses, each weight 1; alignment as in docs/reference.md#shared-losses).
+
+        Args:
+            supp / qry: encoder outputs {path: [K, C, h, w]} of the support / {path: [1, C, h, w]} of the query.
+            supp_tau / qry_tau: the encoder's threshold logits, [K] / [1] (the alignment uses the support's).
+            masks: support masks [K, H, W] in {0, 1}; labels: query labels [1, H, W] (255 ignored).
+            state: :meth:`support_state` of the episode; probability: fused query foreground probability
+                [1, H, W] from :meth:`predict`.
+
+        Returns:
+            {"align", "proto_mse", "query_self"}: scalar tensors (nats, MSE of feature units); "align" and
+            "proto_mse" are a graph-connected zero when the predicted query mask is empty.
+        """
         size = tuple(masks.shape[-2:])
         zero = probability.sum() * 0.0
         # query self-loss: the first coarse query prototype (QPC, before PRD) segments its own query
@@ -356,9 +384,11 @@ class PAMI(FewShotSegmenter):
         return p, self.episode_losses(support, support["tau"], support_masks, query.maps, query["tau"], state, p, query_labels)
 
     def prediction_logits(self, probability: torch.Tensor) -> torch.Tensor:
+        """Logits [B, 2, H, W] whose softmax is [1 - p, p] for foreground probabilities [B, H, W]."""
         return foreground_probability_to_logits(probability)
 
     def training_losses(self, probability, query_labels, episode_means):
-        """Weighted NLL of the query probabilities [B, H, W] themselves, then the episode terms."""
+        """Weighted NLL (0.1, 1) of the query probabilities [B, H, W] against labels [B, H, W], then the batch
+        means of the episode terms (:meth:`episode_losses`); scalars in nats (docs/reference.md#shared-losses)."""
         nll = probability_nll(torch.stack([1 - probability, probability], 1), query_labels, self.class_weights)
         return {"query_nll": nll, **episode_means}

@@ -17,6 +17,7 @@ from fsmis_monai.networks.methods.base import (
     SupportState,
     check_support,
     encoder_features,
+    resolve_encoder,
 )
 from fsmis_monai.networks.prototypes import cosine_map, masked_average_pooling, resize_to
 
@@ -26,13 +27,10 @@ class PrototypeSegmenter(FewShotSegmenter):
 
     name = "prototype"
 
-    def __init__(self, encoder: Optional[nn.Module] = None, feature_key: str = "down3", scale: float = 20.0) -> None:
+    def __init__(self, encoder: "str | nn.Module | None" = None, feature_key: str = "down3", scale: float = 20.0,
+                 pretrained_weights: Optional[str] = None) -> None:
         super().__init__()
-        if encoder is None:
-            from fsmis_monai.networks.encoders import SmallEncoder
-
-            encoder = SmallEncoder()
-        self.encoder = encoder
+        self.encoder = resolve_encoder("small" if encoder is None else encoder, pretrained_weights)
         self.feature_key = feature_key
         self.scale = scale
 

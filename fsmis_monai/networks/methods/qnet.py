@@ -156,7 +156,7 @@ class QNet(FewShotSegmenter):
         return QueryFeatures({k: out[k] for k in (*PATHS, "tau")}, (int(query_images.shape[-2]), int(query_images.shape[-1])))
 
     def segment_encoded(self, features: QueryFeatures, state: SupportState) -> torch.Tensor:
-        """Logits of encoded queries; the test-time refinement starts from the encoded features, per query."""
+        """Logits [N, 2, H, W] of encoded queries; the test-time refinement starts from the encoded features, per query."""
         return foreground_probability_to_logits(self._segment_features(features.maps, state, features.image_size)[:, 0])
 
     def forward_episode(self, support, support_masks, query, query_labels):
@@ -168,6 +168,8 @@ class QNet(FewShotSegmenter):
         return logits, {"align": self._alignment_loss(query.maps, prob, support, support_masks)}
 
     def training_losses(self, logits, query_labels, episode_means):
+        """Weighted NLL (0.1, 1) of the logits [B, 2, H, W] against labels [B, H, W] plus the weighted
+        alignment mean (docs/reference.md#shared-losses)."""
         return {
             "query_nll": weighted_nll(logits, query_labels, self.class_weights),
             "align": self.align_weight * episode_means["align"],
