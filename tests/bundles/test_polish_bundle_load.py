@@ -15,7 +15,7 @@ from fsmis_monai.io import FsmisInputError, torch_save
 from fsmis_monai.networks.layout import LayoutMismatchError, load_bundle_network
 from fsmis_monai.networks.methods import build_method
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _bundle_with(network: torch.nn.Module, tmp_path: Path) -> Path:
