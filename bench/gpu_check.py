@@ -30,7 +30,7 @@ A ``--budget-s`` guard skips what would not fit and stops a run that outlasts it
 rewritten after every run. One table is printed at the end.
 
     python bench/gpu_check.py --out /tmp/gpucheck              # the device check (CUDA)
-    python bench/gpu_check.py --out /tmp/gpucheck --tiny       # seconds on a CPU (tests/test_gpu_check.py)
+    python bench/gpu_check.py --out /tmp/gpucheck --tiny       # seconds on a CPU (tests/bench/test_gpu_check.py)
 """
 
 from __future__ import annotations

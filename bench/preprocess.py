@@ -1,7 +1,7 @@
 """Preprocessing: the MONAI recipes against a plain SimpleITK implementation of the same steps.
 
 For each recipe (CHAOS DICOM + PNG, CMR NIfTI, Synapse HU NIfTI) a few raw scans are synthesised from
-the real scans in ../shared/data (the same synthesis as tests/test_preprocessing.py, at full size),
+the real scans in ../shared/data (the same synthesis as the tests, tests/_raw_scans.py, at full size),
 then every scan is preprocessed, read to written, by
 
 - ``monai``: ``fsmis_monai.preprocess.preprocess_scan`` (the recipe's MONAI Compose, atomic writes);
@@ -31,7 +31,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-import test_preprocessing as synth  # noqa: E402  (raw-data synthesis shared with the tests)
+import _raw_scans as synth  # noqa: E402  (raw-data synthesis shared with the tests)
 from conftest import CHAOS_DIR, CMR_DIR  # noqa: E402
 
 # ------------------------------------------------------------------------- plain SimpleITK pipeline

@@ -1,13 +1,24 @@
-"""Shared fixtures: where the real scans are, and small helpers to read a few of them."""
+"""Shared fixtures: where the real scans are, and small helpers to read a few of them.
+
+The suite is laid out as the package is (``tests/networks``, ``tests/losses``, ``tests/bundles``, ...; the
+hardening suite is the cross-cutting ``tests/hardening``). Test folders are not packages: pytest's default
+``prepend`` import mode puts each test file's folder on ``sys.path`` (so a folder's own helper modules, e.g.
+``networks/method_checks.py``, import by name) and test file names are unique across folders. This folder is
+put on ``sys.path`` below so the helpers shared by several folders (``_real_scans``, ``_training_run``) and
+``conftest`` itself import by name from any depth."""
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
+if str(TESTS_DIR) not in sys.path:
+    sys.path.insert(0, str(TESTS_DIR))
 # The real scans live beside the repository (../shared/data), never inside it. FSMIS_DATA overrides.
 DATA_ROOT = Path(os.environ.get("FSMIS_DATA", REPO_ROOT.parent / "shared" / "data"))
 CHAOS_DIR = DATA_ROOT / "chaos_mr_t2"
