@@ -10,7 +10,7 @@ the method's own keys (``network.json``: ``method``, ``encoder``, ``seed``, hype
 ``--config_file "['a.json','b.json']"``: later keys override, ``a#b`` ids reach into nested items, ``+key``
 extends a list or dict). MONAI resolves config lists and ``%file#id`` macros against the working
 directory, so a zipped bundle can only stay self-contained if its files are complete: they are rendered and
-committed, and ``tests/test_bundle_render.py`` fails when a committed file differs from a fresh rendering.
+committed, and ``tests/bundles/test_render.py`` fails when a committed file differs from a fresh rendering.
 
 Two rules are applied after the merge, both on ``train.json`` and ``inference.json`` (the configs that run
 alone): a top-level key that no item references and that no workflow reads (:data:`ENTRY_KEYS`) is left
