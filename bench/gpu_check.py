@@ -44,7 +44,6 @@ import logging
 import math
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -60,7 +59,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
-from fsmis_monai.commands.quickstart import BUNDLES_DIR, QUERY_ID, SAMPLE_DIR, SUPPORT_ID, TRAIN_IDS  # noqa: E402
+from fsmis_monai.commands.quickstart import (  # noqa: E402  (the sample scans and their split)
+    BUNDLES_DIR, QUERY_ID, SAMPLE_DIR, SUPPORT_ID, training_folder,
+)
 
 BUNDLES = ("ssl_alpnet", "adnet", "qnet", "lslpn", "gmrd", "pami", "difd")
 AGREEMENT_GOAL = 0.999  # argmax agreement device vs CPU, fraction of pixels
@@ -68,18 +69,6 @@ OPTION_BUNDLE = "qnet"  # the paper encoder most bundles share (qnet_resnet101)
 
 
 # ----------------------------------------------------------------------------------------------- data
-def training_folder(work: Path) -> Path:
-    """Links to the sample training scans (the held-out query scan is not among them)."""
-    folder = work / "train_scans"
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in TRAIN_IDS:
-        for kind in ("image", "label"):
-            link = folder / f"{kind}_{i}.nii.gz"
-            if not link.exists():
-                link.symlink_to(SAMPLE_DIR / f"{kind}_{i}.nii.gz")
-    return folder
-
-
 def eval_episode(size: int, n_slices: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Support (scan SUPPORT_ID, middle liver slice) and ``n_slices`` liver query slices of scan QUERY_ID,
     volume z-scored and resized to ``size``: images [1, 3, s, s], masks [1, s, s], queries [3, s, s, n]."""

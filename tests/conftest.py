@@ -53,3 +53,17 @@ def _few_threads():
     except ImportError:  # pragma: no cover
         pass
     yield
+
+
+@pytest.fixture()
+def chaos_pair(tmp_path: Path, chaos_dir: Path) -> Path:
+    """Support scan 15 and query scan 20 of the real CHAOS-T2 folder (image + label), copied into a fresh
+    folder so that a test may damage them; the shared data is never written."""
+    import shutil
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for sid in (15, 20):
+        for kind in ("image", "label"):
+            shutil.copy(chaos_dir / f"{kind}_{sid}.nii.gz", data / f"{kind}_{sid}.nii.gz")
+    return data

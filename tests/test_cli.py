@@ -4,11 +4,9 @@ every command, and no library module imports the command layer."""
 from __future__ import annotations
 
 import ast
-import shutil
 
 import nibabel as nib
 import numpy as np
-import pytest
 
 from conftest import REPO_ROOT
 from fsmis_monai.cli import main
@@ -37,15 +35,6 @@ def test_no_library_module_imports_the_command_layer():
     assert {k: v for k, v in upward.items() if v} == {}
 
 
-@pytest.fixture()
-def chaos_pair(tmp_path, chaos_dir):
-    """Support scan 15 and query scan 20 (image + label), copied so they can be damaged."""
-    data = tmp_path / "data"
-    data.mkdir()
-    for sid in (15, 20):
-        for kind in ("image", "label"):
-            shutil.copy(chaos_dir / f"{kind}_{sid}.nii.gz", data / f"{kind}_{sid}.nii.gz")
-    return data
 
 
 def _evaluate(data, out) -> int:

@@ -10,17 +10,6 @@ import pytest
 from fsmis_monai.cli import main
 
 
-@pytest.fixture()
-def chaos_pair(tmp_path, chaos_dir):
-    """Support scan 15 and query scan 20 of the real CHAOS-T2 folder, linked (never copied or written)."""
-    data = tmp_path / "data"
-    data.mkdir()
-    for sid in (15, 20):
-        for kind in ("image", "label"):
-            (data / f"{kind}_{sid}.nii.gz").symlink_to(chaos_dir / f"{kind}_{sid}.nii.gz")
-    return data
-
-
 def _evaluate(data, out, *extra: str) -> int:
     # the prototype method builds the small encoder by default (fast, untrained: only the plumbing is checked)
     return main(["evaluate", "--dataset-dir", str(data), "--output-dir", str(out), "--query-ids", "20",

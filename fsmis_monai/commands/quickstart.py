@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the episodes (default 0)")
 
 
-def _training_data(output: Path) -> Path:
+def training_folder(output: Path) -> Path:
     """The training scans (symbolic links into the sample folder, so the held-out query is not among them)."""
     folder = output / "train_scans"
     folder.mkdir(parents=True, exist_ok=True)
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
 
     print(f"[1/4] supervoxels of the training scans -> {out / 'supervoxels'}")
-    train_dir = _training_data(out)
+    train_dir = training_folder(out)
     pseudo = ensure_pseudolabels(train_dir, out / "supervoxels", "supervoxels", "chaos", workers=args.threads)
 
     print(f"[2/4] training {args.method} (small encoder, {args.iterations} iterations, CPU) on scans {TRAIN_IDS}")
