@@ -375,3 +375,27 @@ def test_evaluate_json_prepares_scans_by_the_saved_contract(tiny_scans, tmp_path
     for i, image in seen.items():
         assert image.shape == (64, 64, 10)
         np.testing.assert_allclose(image, training[i], atol=1e-6, rtol=0)
+
+
+def test_gmrd_inference_builds_its_network_at_the_contract_size(tmp_path):
+    """GMRD's descriptor MLP is sized by the slice size: a model trained at 64 px is rebuilt at 64 px by
+    inference.json from the contract saved beside it, without an --image_size override; no contract: the
+    bundle's size."""
+    from monai.bundle import ConfigParser
+
+    from conftest import REPO_ROOT
+
+    def built_size(ckpt_dir: Path) -> tuple:
+        parser = ConfigParser()
+        parser.read_config(str(REPO_ROOT / "bundles" / "gmrd" / "configs" / "inference.json"))
+        parser.update({"bundle_root": str(REPO_ROOT / "bundles" / "gmrd"), "encoder": "small",
+                       "ckpt_path": str(ckpt_dir / "model.pt")})
+        return tuple(parser.get_parsed_content("network_def").image_size)
+
+    trained = tmp_path / "trained"
+    trained.mkdir()
+    save_contract(DataContract.for_dataset("chaos_mr_t2", image_size=(64, 64)), trained / "model.pt")
+    assert built_size(trained) == (64, 64)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    assert built_size(bare) == (256, 256)
