@@ -8,6 +8,18 @@ from pathlib import Path
 from conftest import REPO_ROOT as REPO  # noqa: F401 (the repository the run script reads bundles from)
 
 
+def prepare_run_data(chaos_dir: Path, root: Path) -> Path:
+    """``root/data``: a small window of real CHAOS scans, and ``root/supervoxels``: their pseudolabels (min size
+    500 at this size), the inputs :func:`train_overrides` expects; returns ``root``."""
+    from fsmis_monai.engines import ensure_pseudolabels
+
+    from _real_scans import write_chaos_window
+
+    write_chaos_window(chaos_dir, root / "data")
+    ensure_pseudolabels(root / "data", root / "supervoxels", "supervoxels", "chaos", min_size=500)
+    return root
+
+
 def train_overrides(data: Path, pseudo: Path, out: Path, **extra) -> dict:
     """A tiny ADNet bundle run: small encoder, 64 x 64, a few iterations, no validation or images."""
     return {"dataset_dir": str(data), "pseudolabel_dir": str(pseudo), "fold": None, "encoder": "small",

@@ -16,21 +16,16 @@ import torch
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
 
-from fsmis_monai.engines import ensure_pseudolabels
 from fsmis_monai.io import FsmisInputError, torch_load
 
-from _real_scans import write_chaos_window
-from _training_run import REPO, train_overrides
+from _training_run import REPO, prepare_run_data, train_overrides
 
 LR, GAMMA, STEP = 1e-3, 0.5, 2  # MultiStepLR milestones: range(STEP, max_iterations, STEP)
 
 
 @pytest.fixture(scope="module")
 def data(chaos_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume_extend")
-    write_chaos_window(chaos_dir, root / "data")
-    ensure_pseudolabels(root / "data", root / "supervoxels", "supervoxels", "chaos", min_size=500)
-    return root
+    return prepare_run_data(chaos_dir, tmp_path_factory.mktemp("resume_extend"))
 
 
 def _train(root: Path, out: Path, max_iterations: int, stop_after: int | None = None) -> dict:

@@ -16,19 +16,14 @@ import numpy as np
 import pytest
 import torch
 
-from fsmis_monai.engines import ensure_pseudolabels
 from fsmis_monai.io import FsmisInputError, torch_load
 
-from _real_scans import write_chaos_window
-from _training_run import REPO, TRAIN_SCRIPT, train_overrides
+from _training_run import REPO, prepare_run_data, TRAIN_SCRIPT, train_overrides
 
 
 @pytest.fixture(scope="module")
 def tiny_run_data(chaos_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("hardening_train")
-    write_chaos_window(chaos_dir, root / "data")
-    ensure_pseudolabels(root / "data", root / "supervoxels", "supervoxels", "chaos", min_size=500)
-    return root
+    return prepare_run_data(chaos_dir, tmp_path_factory.mktemp("hardening_train"))
 
 
 def _train(root: Path, out: Path, **cfg) -> tuple[int, list[str]]:
