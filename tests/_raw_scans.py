@@ -50,8 +50,20 @@ def write_dicom_series(volume: np.ndarray, affine_ras: np.ndarray, folder: Path,
     ``decreasing=True`` numbers the instances against the slice axis (head-first scanners do), so the
     reader must not assume instance order equals position order.
     """
+    import locale
+
     import SimpleITK as sitk
 
+    # SimpleITK's DICOM writer (GDCM) resets the C locale's LC_CTYPE to "C", which turns Python's default text
+    # encoding into ASCII for every later test in the process: keep the process's locale as it was
+    saved = locale.setlocale(locale.LC_CTYPE)
+    try:
+        _write_slices(sitk, volume, affine_ras, folder, decreasing)
+    finally:
+        locale.setlocale(locale.LC_CTYPE, saved)
+
+
+def _write_slices(sitk, volume: np.ndarray, affine_ras: np.ndarray, folder: Path, decreasing: bool) -> None:
     folder.mkdir(parents=True)
     lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine_ras
     spacing = np.linalg.norm(lps[:3, :3], axis=0)
