@@ -251,21 +251,25 @@ class CheckImaged(MapTransform):
 
 class CheckLabelsd(MapTransform):
     """Label values must be integers and, with a label map, known; errors name the file, the values found and
-    the classes known (MONAI's ``MapLabelValue`` would pass unknown values through)."""
+    the classes known (MONAI's ``MapLabelValue`` would pass unknown values through). The values are found with
+    the recipes' :func:`~fsmis_monai.transforms.checks.label_values` (a histogram, not a sort of the volume)."""
 
     def __init__(self, keys: KeysCollection, contract: DataContract, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
         self.contract = contract
 
     def __call__(self, data: Mapping) -> dict:
+        from fsmis_monai.transforms.checks import label_values
+
         d = dict(data)
         for key in self.key_iterator(d):
-            values = torch.unique(torch.as_tensor(d[key])).double()
-            found = values.tolist()
-            if not torch.isfinite(values).all():
+            if not torch.isfinite(torch.as_tensor(d[key])).all():
                 raise FsmisInputError(f"{_source(d, key)}: label contains NaN or infinite values")
-            if not torch.equal(values, values.round()):
-                raise FsmisInputError(f"{_source(d, key)}: label values must be integers, found {found[:8]}")
+            ints, fractional = label_values(d[key])
+            if fractional.size:
+                raise FsmisInputError(f"{_source(d, key)}: label values must be integers, found "
+                                      f"{sorted(set(ints.tolist()) | set(fractional.tolist()))[:8]}")
+            found = ints.tolist()
             if self.contract.label_map is not None:
                 unknown = sorted(int(v) for v in found if int(v) not in self.contract.label_map)
                 if unknown:
