@@ -33,16 +33,27 @@ class SmallEncoder(nn.Module):
     """A small CPU-friendly encoder with the Q-Net output layout (``down2``, ``down3``, ``tau``).
 
     For tests, the quickstart and CPU training budgets: a few MONAI residual units, no pretraining.
+    Stem (stride 2) -> ``stage1`` (stride 4, ``down2``) -> ``stage2`` (stride 8) -> ``stage3``: ``dilated_units``
+    residual units at stride 8 with dilation 2 (none in the plain ``small`` layout) -> ``down3``. ``width``
+    scales every stage (stage channels ``width``, ``2 width``, ``4 width``); ``channels`` is the width of the
+    ``down2``/``down3`` projections the methods read. 256^2 input -> ``down2`` 64^2, ``down3`` 32^2.
     """
 
     layout = "small"
 
-    def __init__(self, in_channels: int = 3, channels: int = 64, width: int = 32) -> None:
+    def __init__(self, in_channels: int = 3, channels: int = 64, width: int = 32, dilated_units: int = 0) -> None:
         super().__init__()
         self.out_channels = channels
         self.stem = Convolution(2, in_channels, width, strides=2, kernel_size=3, norm="batch", act="relu")
         self.stage1 = ResidualUnit(2, width, 2 * width, strides=2, subunits=2, norm="batch", act="relu")
         self.stage2 = ResidualUnit(2, 2 * width, 4 * width, strides=2, subunits=2, norm="batch", act="relu")
+        if dilated_units:
+            # dilation keeps the stride-8 grid the methods' prototypes need while the receptive field grows,
+            # as the dilated ResNets of the papers do (docs/reference.md#cpu-encoders)
+            self.stage3 = nn.Sequential(*[
+                ResidualUnit(2, 4 * width, 4 * width, subunits=2, dilation=2, norm="batch", act="relu")
+                for _ in range(dilated_units)
+            ])
         self.proj2 = nn.Conv2d(2 * width, channels, kernel_size=1, bias=False)
         self.proj3 = nn.Conv2d(4 * width, channels, kernel_size=1, bias=False)
         self.tau_head = nn.Linear(4 * width, 1)
@@ -50,8 +61,31 @@ class SmallEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> EncoderOutput:
         s1 = self.stage1(self.stem(x))  # stride 4
         s2 = self.stage2(s1)  # stride 8
+        if hasattr(self, "stage3"):
+            s2 = self.stage3(s2)
         tau = self.tau_head(s2.mean(dim=(2, 3))).squeeze(1)
         return {"down2": self.proj2(s1), "down3": self.proj3(s2), "tau": tau}
+
+
+class WideSmallEncoder(SmallEncoder):
+    """``small`` with twice the width (stages of 64/128/256 channels, ~4x the convolution cost): more
+    capacity per layer for CPU training budgets (docs/reference.md#cpu-encoders)."""
+
+    layout = "small_wide"
+
+    def __init__(self, in_channels: int = 3, channels: int = 64) -> None:
+        super().__init__(in_channels, channels, width=64)
+
+
+class DilatedSmallEncoder(SmallEncoder):
+    """``small`` plus two dilated residual units at stride 8 (a ResNet-18-like depth of ~17 convolutions,
+    receptive field ~3x wider, ~2x the convolution cost) for CPU training budgets
+    (docs/reference.md#cpu-encoders)."""
+
+    layout = "small_dilated"
+
+    def __init__(self, in_channels: int = 3, channels: int = 64) -> None:
+        super().__init__(in_channels, channels, width=32, dilated_units=2)
 
 
 # ------------------------------------------------------------------------------------- ResNet layouts
@@ -199,6 +233,8 @@ ENCODERS: Dict[str, type] = {
     "qnet_resnet101": QNetResNet101Encoder,
     "lslpn_resnet50": LSLPNResNet50Encoder,
     "small": SmallEncoder,
+    "small_wide": WideSmallEncoder,
+    "small_dilated": DilatedSmallEncoder,
 }
 
 logger = logging.getLogger(__name__)

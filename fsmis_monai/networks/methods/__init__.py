@@ -10,6 +10,7 @@ from fsmis_monai.networks.methods.base import FewShotOutput, FewShotSegmenter, S
 # registry name -> "module:ClassName" (imported lazily so a method's dependencies load only when used)
 METHODS: dict[str, str] = {
     "prototype": "fsmis_monai.networks.methods.prototype:PrototypeSegmenter",
+    "support_copy": "fsmis_monai.networks.methods.copy_baseline:SupportMaskCopy",
     "ssl_alpnet": "fsmis_monai.networks.methods.alpnet:ALPNet",
     "adnet": "fsmis_monai.networks.methods.adnet:ADNet",
     "qnet": "fsmis_monai.networks.methods.qnet:QNet",
