@@ -120,9 +120,9 @@ def run_config(name: str, args: argparse.Namespace) -> None:
     def record(iteration: int, protocols: List[str]) -> None:
         if iteration in done:
             return
-        t0 = time.process_time()
+        now, t0 = cpu(), time.process_time()
         scores = held_out(network, protocols, args)
-        row = {"config": name, "iteration": iteration, "cpu_s": round(cpu(), 1), **{p: s for p, s in scores.items()}}
+        row = {"config": name, "iteration": iteration, "cpu_s": round(now, 1), **{p: s for p, s in scores.items()}}
         clock["eval"] += time.process_time() - t0
         with open(curve_file, "a") as f:
             f.write(json.dumps(row) + "\n")
