@@ -170,6 +170,20 @@ def read_layout(path: "str | os.PathLike[str]") -> Optional[Dict[str, Any]]:
     return dict(min(records, key=lambda r: r[0].count(".") + bool(r[0]))[1]) if records else None
 
 
+def recorded_encoder(ckpt_path: "str | os.PathLike[str] | None", configured: str) -> str:
+    """The encoder a checkpoint was trained with (its layout record), else ``configured``.
+
+    Bundles' ``inference.json`` and ``evaluate.json`` build their network with it, so a shipped or shared
+    ``model.pt`` trained with another encoder than the paper's (e.g. the CPU-trained ``small_dilated``
+    weights) loads without an ``--encoder`` flag. A missing file or a file without a record gives
+    ``configured`` (the load then reports what does not fit).
+    """
+    if ckpt_path is None or not os.path.isfile(os.fspath(ckpt_path)):
+        return configured
+    record = read_layout(ckpt_path)
+    return str(record["encoder"]) if record and record.get("encoder") else configured
+
+
 @contextlib.contextmanager
 def _loading_from(source: str) -> Iterator[None]:
     token = _SOURCE.set(source)
@@ -229,5 +243,6 @@ def load_bundle_network(bundle_dir: "str | os.PathLike[str]", model_file: str = 
 
 __all__ = [
     "RECORD_KEY", "SHAPE_SWITCHES", "LayoutMismatchError", "check_layout", "describe", "load_bundle_network",
-    "load_weights", "network_layout", "read_layout", "record_and_check_layout", "with_layout",
+    "load_weights", "network_layout", "read_layout", "record_and_check_layout", "recorded_encoder",
+    "with_layout",
 ]
