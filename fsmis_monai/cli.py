@@ -23,6 +23,7 @@ COMMANDS = (
     "supervoxels",
     "superpixels",
     "evaluate",
+    "demo",
     "quickstart",
     "freeze",
     "import-checkpoint",
