@@ -11,7 +11,13 @@ from setuptools.command.build_py import build_py
 # Folders beside the package that a wheel carries inside it, as fsmis_monai/_shipped/<name>
 # (fsmis_monai.resources.SHIPPED reads them back); outputs of runs, as .gitignore lists them, stay behind.
 SHIPPED = ("preprocessing", "bundles")
-NOT_SHIPPED = shutil.ignore_patterns("*.pt", "eval", "runs", "predictions", "__pycache__", "*.pyc")
+_NOT_SHIPPED_NAMES = shutil.ignore_patterns("eval", "runs", "predictions", "__pycache__", "*.pyc")
+
+
+def NOT_SHIPPED(folder, names):
+    """Run outputs stay behind; a bundle's trained weights (``models/**/model.pt``) ship, other ``*.pt`` do not."""
+    in_models = "models" in Path(folder).parts
+    return set(_NOT_SHIPPED_NAMES(folder, names)) | {n for n in names if n.endswith(".pt") and not (in_models and n == "model.pt")}
 
 extensions = [
     Extension(

@@ -32,12 +32,14 @@ from typing import Dict, List, Optional
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "chaos_mr_t2"
 
-#: name -> encoder, LR schedule ("constant" or "decay": x0.3 at 50 %, 75 %, 90 % of the iterations), base LR
+#: name -> encoder, LR schedule ("constant" or "decay": x0.3 at 50 %, 75 %, 90 % of the iterations), base LR,
+#: training (and so inference: the data contract records it) in-plane size (default 256)
 CONFIGS: Dict[str, dict] = {
     "small_const": {"encoder": "small", "schedule": "constant", "lr": 0.01},  # the 40-minute run's recipe
     "small_decay": {"encoder": "small", "schedule": "decay", "lr": 0.01},
     "dilated_decay": {"encoder": "small_dilated", "schedule": "decay", "lr": 0.01},
     "wide_decay": {"encoder": "small_wide", "schedule": "decay", "lr": 0.01},
+    "dilated_decay_128": {"encoder": "small_dilated", "schedule": "decay", "lr": 0.01, "image_size": 128},
 }
 BASELINE = "small_const"
 
@@ -57,19 +59,22 @@ def workflow(config: dict, out: Path, args: argparse.Namespace, iterations: int)
         config_file=str(configs / "train.json"), meta_file=str(configs / "metadata.json"),
         logging_file=str(configs / "logging.conf"), workflow_type="train", bundle_root=str(REPO / "bundles" / "qnet"),
         dataset_dir=str(args.dataset_dir), pseudolabel_dir=str(args.pseudolabels), generate_pseudolabels=False,
-        fold=0, encoder=config["encoder"], image_size=256, max_iterations=iterations, learning_rate=config["lr"],
+        fold=0, encoder=config["encoder"], image_size=config.get("image_size", 256), max_iterations=iterations, learning_rate=config["lr"],
         num_workers=0, val_interval=0, seed=args.seed, device="$torch.device('cpu')", output_dir=str(out),
         ckpt_path=str(out / "model.pt"), save_interval=args.save_every, log_interval=200, image_interval=10**9,
         progress_bar=False, resume=True, **schedule(config, iterations),
     )
 
 
-def held_out(network, protocols: List[str], args: argparse.Namespace) -> dict:
-    """EP1 (and other protocols) on fold 0's held-out scans: {protocol: {"mean", per-class names}}."""
+def held_out(network, protocols: List[str], args: argparse.Namespace, contract_file: Optional[Path] = None) -> dict:
+    """EP1 (and other protocols) on fold 0's held-out scans, prepared as the run's data contract says (its
+    in-plane size): {protocol: {"mean", per-class names}}."""
+    from fsmis_monai.data.contract import load_contract
     from fsmis_monai.evaluation import evaluate
 
+    options = {"contract": load_contract(contract_file)} if contract_file is not None else {}
     summary = evaluate(network, args.dataset_dir, dataset="chaos", fold=0, family="qnet", protocols=protocols,
-                       device="cpu", progress=False, resume=False, save_predictions=False)
+                       device="cpu", progress=False, resume=False, save_predictions=False, **options)
     network.train()
     return {p: {"mean": s["mean"], **{c["name"]: c["mean"] for c in s["classes"].values()}}
             for p, s in summary["protocols"].items()}
@@ -121,7 +126,7 @@ def run_config(name: str, args: argparse.Namespace) -> None:
         if iteration in done:
             return
         now, t0 = cpu(), time.process_time()
-        scores = held_out(network, protocols, args)
+        scores = held_out(network, protocols, args, out / "checkpoints" / "data_contract.json")
         row = {"config": name, "iteration": iteration, "cpu_s": round(now, 1), **{p: s for p, s in scores.items()}}
         clock["eval"] += time.process_time() - t0
         with open(curve_file, "a") as f:
@@ -262,7 +267,7 @@ def main() -> None:
         while pending or running:
             while pending and len(running) < args.jobs:
                 name = pending.pop(0)
-                cmd = ["nice", "-n", "10", sys.executable, __file__, "--run", name,
+                cmd = ["nice", "-n", "5", sys.executable, __file__, "--run", name,
                        "--dataset-dir", str(args.dataset_dir), "--pseudolabels", str(args.pseudolabels),
                        "--output", str(args.output), "--cpu-minutes", str(args.cpu_minutes),
                        "--points", str(args.points), "--save-every", str(args.save_every), "--seed", str(args.seed)]
