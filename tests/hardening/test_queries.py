@@ -173,6 +173,9 @@ def test_a_dicom_series_folder_is_an_error_that_says_to_convert_it(scans, tmp_pa
         f"{tmp_path / 'nifti'}: no file matches '*.mha'")
     assert _input_error(_inference, scans, parent, tmp_path / "out", query_glob="T2*").startswith(
         f"{series}: is a folder, not a NIfTI file (matched by query_glob 'T2*'); DICOM series found")
+    assert _input_error(_inference, scans, parent, tmp_path / "out", query_glob="../nifti/*.nii.gz") == (
+        f"{parent / '..' / 'nifti' / 'a.nii.gz'}: query outside the query folder {parent} (query_glob "
+        "'../nifti/*.nii.gz')")
     assert _input_error(_inference, scans, tmp_path / "missing", tmp_path / "out") == (
         f"{tmp_path / 'missing'}: query folder not found")
     assert not (tmp_path / "out").exists()
