@@ -15,6 +15,7 @@ transform trace, so ``Invertd`` and ``SaveImaged`` write the prediction on the q
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -164,15 +165,16 @@ def query_datalist(dataset_dir: str | Path, query_glob: str = "*.nii*", output_d
     ``datalist`` of every inference bundle (training bundles and ``fsmis freeze`` ones).
 
     One query, one prediction: each query's prediction path (:func:`prediction_layout` under ``output_dir``,
-    sub-folders kept) must be its own. Files that are this run's outputs from an earlier run (the prediction
-    path of another query, header marked :data:`PREDICTION_MARK`) are left out, so ``output_dir`` may be the
-    query folder. Everything is checked before anything is segmented or written.
+    sub-folders kept) must be its own and must not be another query. Predictions of earlier runs (NIfTI header
+    marked :data:`PREDICTION_MARK`) are never queries, so ``output_dir`` may be the query folder. Everything is
+    checked before anything is segmented or written.
 
     Raises:
         FsmisInputError: ``dataset_dir`` missing or not a folder; nothing matches (with a hint when the folder
-            holds DICOM series, which must be converted to NIfTI first); a match is a folder; a query outside
-            ``dataset_dir`` (``..`` in the glob); two queries with one prediction path (``case.nii`` and
-            ``case.nii.gz``), naming both; a query file that another query's prediction would overwrite.
+            holds DICOM series, which must be converted to NIfTI first) or only earlier predictions; a match is
+            a folder; a query outside ``dataset_dir`` (``..`` in the glob); two queries with one prediction path
+            (``case.nii`` and ``case.nii.gz``), naming both; a query file another query's prediction would
+            overwrite.
     """
     import glob
     import os
@@ -187,9 +189,13 @@ def query_datalist(dataset_dir: str | Path, query_glob: str = "*.nii*", output_d
                               + _dicom_hint(Path(folders[0])))
     if not matches:
         raise FsmisInputError(f"{root}: no file matches '{query_glob}'" + _dicom_hint(root))
+    queries = [m for m in matches if not _is_prediction(m)]  # earlier runs' outputs are never queries
+    if not queries:
+        raise FsmisInputError(f"{root}: every file matching '{query_glob}' ({len(matches)}) is a prediction of an "
+                              "earlier run; no query left")
     layout = prediction_layout(root if output_dir is None else output_dir, root, output_postfix, makedirs=False)
     outputs: dict[str, str] = {}
-    for query in matches:
+    for query in queries:
         if os.path.relpath(query, root).startswith(os.pardir):
             raise FsmisInputError(f"{query}: query outside the query folder {root} (query_glob '{query_glob}')")
         out = os.path.normpath(str(layout.filename(subject=query)))
@@ -197,15 +203,15 @@ def query_datalist(dataset_dir: str | Path, query_glob: str = "*.nii*", output_d
             raise FsmisInputError(f"{outputs[out]}, {query}: two queries, one prediction path {out} (one would "
                                   "overwrite the other); rename one of them")
         outputs[out] = query
-    queries = []
-    for query in matches:
+    for query in queries:
         owner = outputs.get(os.path.normpath(query))
-        if owner is None:
-            queries.append({"image": query})
-        elif not _is_prediction(query):
+        if owner is not None:
             raise FsmisInputError(f"{query}: the prediction of the query {owner} would overwrite it; choose another "
                                   "output_dir")
-    return queries
+    if len(queries) < len(matches):
+        logging.getLogger(__name__).info("%s: %d of the files matching %r are predictions of an earlier run, not "
+                                         "queries", root, len(matches) - len(queries), query_glob)
+    return [{"image": q} for q in queries]
 
 
 def _is_prediction(path: str | Path) -> bool:

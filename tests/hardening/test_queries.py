@@ -103,6 +103,11 @@ def test_same_names_in_sub_folders_and_output_dir_equal_to_the_query_folder(scan
     assert _files(queries) == ["a.nii.gz", "a_seg.nii.gz", "p2/image.nii.gz", "p2/image_seg.nii.gz",
                                "p3/image.nii.gz", "p3/image_seg.nii.gz"]
     np.testing.assert_array_equal(np.asarray(nib.load(queries / "a_seg.nii.gz").dataobj), first)
+    (queries / "a.nii.gz").unlink()  # a prediction whose query is gone is still no query
+    assert _input_error(_inference, scans, queries, queries) == (
+        f"{queries}: every file matching '*.nii*' (1) is a prediction of an earlier run; no query left")
+    assert _files(queries) == ["a_seg.nii.gz", "p2/image.nii.gz", "p2/image_seg.nii.gz", "p3/image.nii.gz",
+                               "p3/image_seg.nii.gz"]
 
 
 def test_queries_with_one_prediction_name_are_refused_before_anything_is_written(scans, tmp_path):
