@@ -155,6 +155,7 @@ logits [N, 2, {h}, {w}] (argmax: 1 = {cls}). Refinement at test time: {refine}.
 
 ```bash
 # segment every NIfTI volume of QUERY_DIR: <name>_seg.nii.gz in the query's geometry + <name>_overlay.png
+# (--query_glob '*/image.nii.gz' for one folder per patient: PRED_DIR keeps the sub-folders)
 python -m monai.bundle run --config_file configs/inference.json --bundle_root . \\
     --dataset_dir QUERY_DIR --output_dir PRED_DIR
 # checks and export (tracing: the methods' support state is a dict torch.jit.script cannot type)
