@@ -12,7 +12,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -133,6 +133,26 @@ def load_nifti(path: str | os.PathLike[str], dtype: Any = None):
     if dtype is not None:
         data = data.astype(dtype, copy=False)
     return data, img
+
+
+def volume_shape(shape: Sequence[int], source: Any) -> tuple[int, int, int]:
+    """``(X, Y, Z)`` of a scan stored with ``shape``: the one rule every command applies (training, evaluation,
+    inference, ``fsmis freeze`` bundles, ``fsmis supervoxels`` / ``superpixels``).
+
+    A scan is one 3D volume: ``(X, Y, Z)``, or ``(X, Y, Z, 1, ...)`` (one volume saved 4D, trailing axes of
+    length 1). A 4D file of ``n > 1`` volumes (echoes, phases, channels) is refused rather than taken for the
+    network's 3 input channels; a 2D image too.
+
+    Raises:
+        FsmisInputError: ``"<source>: holds 3 volumes (shape ...)"`` or ``"<source>: expected a 3D volume ..."``.
+    """
+    shape = tuple(int(s) for s in shape)
+    if len(shape) >= 3 and all(s == 1 for s in shape[3:]):
+        return shape[0], shape[1], shape[2]
+    if len(shape) == 4:
+        raise FsmisInputError(f"{source}: holds {shape[3]} volumes (shape {shape}); one 3D volume per file is "
+                              "taken: save the volume to use (e.g. one echo) as a NIfTI of its own")
+    raise FsmisInputError(f"{source}: expected a 3D volume, got shape {shape}")
 
 
 def save_nifti(

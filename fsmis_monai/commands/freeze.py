@@ -106,7 +106,7 @@ def _metadata(source: dict, method: str, support_class: Any, protocol: str, pick
 
 def _inference_config(method_def: dict, spec: dict, refine: bool, size: list[int]) -> dict:
     return {
-        "imports": ["$import glob", "$import os", "$import numpy", "$import torch", "$import fsmis_monai", "$import fsmis_monai.export",
+        "imports": ["$import numpy", "$import torch", "$import fsmis_monai", "$import fsmis_monai.export",
                     "$import fsmis_monai.data.contract", "$import fsmis_monai.engines.inference"],
         "bundle_root": ".",
         "dataset_dir": "/workspace/data/queries",
@@ -122,7 +122,7 @@ def _inference_config(method_def: dict, spec: dict, refine: bool, size: list[int
         "network_def": {"_target_": "fsmis_monai.export.FrozenFewShotSegmenter", "method": "@method_def",
                         "support_spec": spec, "refine": refine},
         "network": "$@network_def.to(@device)",
-        "datalist": "$[{'image': f} for f in sorted(glob.glob(os.path.join(@dataset_dir, @query_glob)))]",
+        "datalist": "$fsmis_monai.engines.inference.query_datalist(@dataset_dir, @query_glob, @output_dir)",
         "contract": "$fsmis_monai.data.contract.load_contract(@ckpt_path)",
         "preprocessing": "$fsmis_monai.engines.inference.query_preprocessing(@contract, 3)",
         "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
@@ -131,7 +131,8 @@ def _inference_config(method_def: dict, spec: dict, refine: bool, size: list[int
         "inferer": {"_target_": "SliceInferer", "spatial_dim": 2, "roi_size": "@image_size",
                     "sw_batch_size": "@sw_batch_size", "overlap": 0.0, "progress": False},
         "postprocessing": "$fsmis_monai.engines.inference.prediction_postprocessing(@preprocessing, @output_dir, "
-                          "keep_largest=@keep_largest_component, write_overlays=@write_overlays)",
+                          "keep_largest=@keep_largest_component, write_overlays=@write_overlays, "
+                          "data_root_dir=@dataset_dir)",
         "handlers": [
             {"_target_": "CheckpointLoader", "load_path": "@ckpt_path", "load_dict": {"model": "@network"},
              "map_location": "@device"},
@@ -154,6 +155,7 @@ logits [N, 2, {h}, {w}] (argmax: 1 = {cls}). Refinement at test time: {refine}.
 
 ```bash
 # segment every NIfTI volume of QUERY_DIR: <name>_seg.nii.gz in the query's geometry + <name>_overlay.png
+# (--query_glob '*/image.nii.gz' for one folder per patient: PRED_DIR keeps the sub-folders)
 python -m monai.bundle run --config_file configs/inference.json --bundle_root . \\
     --dataset_dir QUERY_DIR --output_dir PRED_DIR
 # checks and export (tracing: the methods' support state is a dict torch.jit.script cannot type)

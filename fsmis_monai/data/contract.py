@@ -47,7 +47,7 @@ from monai.transforms import (
     Spacingd,
 )
 
-from fsmis_monai.io import FsmisInputError, read_json, write_json
+from fsmis_monai.io import FsmisInputError, read_json, volume_shape, write_json
 
 Normalization = Literal["volume", "global", "slice_minmax", "none"]
 FitMode = Literal["crop", "resize"]
@@ -229,7 +229,8 @@ def _source(data: Mapping, key: str) -> str:
 
 
 class CheckImaged(MapTransform):
-    """Refuse what the network cannot take: not 3D, NaN/inf, or a constant image to z-score (MONAI's
+    """Refuse what the network cannot take: not one 3D volume (:func:`fsmis_monai.io.volume_shape`: a 4D file of
+    several volumes is refused, ``(X, Y, Z, 1)`` taken), NaN/inf, or a constant image to z-score (MONAI's
     ``NormalizeIntensity`` would silently divide by 1). One-line error naming the file."""
 
     def __init__(self, keys: KeysCollection, zscore: bool = False, allow_missing_keys: bool = False) -> None:
@@ -242,6 +243,7 @@ class CheckImaged(MapTransform):
             img = d[key]
             if img.ndim != 4:
                 raise FsmisInputError(f"{_source(d, key)}: expected a 3D volume, got shape {tuple(img.shape[1:])}")
+            volume_shape((*img.shape[1:], img.shape[0]), _source(d, key))  # channels = the file's 4th axis
             if not torch.isfinite(torch.as_tensor(img)).all():
                 raise FsmisInputError(f"{_source(d, key)}: image contains NaN or infinite values")
             if self.zscore and not float(torch.as_tensor(img).float().std()) > 0:

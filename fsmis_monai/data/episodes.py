@@ -43,6 +43,7 @@ no exclusion (``exclude_classes=()``); see :func:`setting_exclusions`.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -181,6 +182,17 @@ class EpisodeDataset(Dataset):
         id_counts = [_slice_counts(getattr(v, self.source)) for v in self.volumes]
         self.ids = [ic[0] for ic in id_counts]
         self.counts = [ic[1] for ic in id_counts]
+        empty = [v for v, ids in zip(self.volumes, self.ids) if not ids.size]
+        if self.source == "pseudolabel" and 0 < len(empty) < len(self.volumes):  # none at all: the subclass's error
+            for v in empty:
+                warnings.warn(f"{v.files.pseudolabel or v.files.image}: pseudolabel of scan {v.scan_id} holds no "
+                              "region (all zeros on the training grid), so that scan gives no episode; regenerate "
+                              "it (fsmis supervoxels / superpixels --overwrite) or leave the scan out")
+
+    def _pseudolabel_files(self, n: int = 3) -> str:
+        """The first ``n`` pseudolabel files, for error messages."""
+        names = [str(v.files.pseudolabel) for v in self.volumes[:n]]
+        return ", ".join(names) + (f" and {len(self.volumes) - n} more" if len(self.volumes) > n else "")
 
     @property
     def allowed_slices(self) -> dict[int, list[int]]:
@@ -268,7 +280,8 @@ class SupervoxelEpisodeDataset(EpisodeDataset):
         self.min_size = int(min_size)
         self._volumes_with_ids = [i for i, ids in enumerate(self.ids) if ids.size]
         if not self._volumes_with_ids:
-            raise ValueError("no supervoxel ids in any training volume")
+            raise ValueError(f"no supervoxel ids in any training volume: every pseudolabel is all zeros "
+                             f"({self._pseudolabel_files()})")
         window, longest = self.n_shots + self.n_queries, max(v.num_slices for v in self.volumes)
         if window > longest:  # fail here, not after max_tries empty draws per item
             raise ValueError(f"n_shots + n_queries = {window} consecutive slices per episode, but the longest "
@@ -313,7 +326,8 @@ class SuperpixelEpisodeDataset(EpisodeDataset):
         self.slices = [(v, int(z)) for v in range(len(self.volumes))
                        for z in np.flatnonzero((self.counts[v] > 0).any(axis=1) & self.allowed[v])]
         if not self.slices:
-            raise ValueError("no training slice holds a superpixel (after the setting-2 exclusion)")
+            raise ValueError(f"no training slice holds a superpixel (after the setting-2 exclusion) in "
+                             f"{self._pseudolabel_files()}")
 
     @property
     def _keep_empty(self) -> bool:

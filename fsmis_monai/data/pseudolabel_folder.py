@@ -38,12 +38,11 @@ def label_stats(labels: np.ndarray, per_slice: bool) -> dict[str, Any]:
 
 def _process_scan(job: tuple[int, Path, Path], compute: Callable, kind: str, per_slice: bool) -> dict[str, Any]:
     """Load, compute, write one scan; raises ``FsmisInputError`` naming the image."""
-    from fsmis_monai.io import load_nifti, save_nifti
+    from fsmis_monai.io import load_nifti, save_nifti, volume_shape
 
     scan_id, image, output = job
     data, img = load_nifti(image)
-    if data.ndim != 3:
-        raise FsmisInputError(f"{image}: expected a 3D image, got shape {data.shape}")
+    data = data.reshape(volume_shape(data.shape, image))  # (X, Y, Z, 1) taken, as every command takes it
     spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
     try:
         labels = compute(data, spacing)

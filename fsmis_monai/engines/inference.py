@@ -15,13 +15,14 @@ transform trace, so ``Invertd`` and ``SaveImaged`` write the prediction on the q
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
-from monai.data import MetaTensor, NibabelWriter
+from monai.data import FolderLayout, MetaTensor, NibabelWriter
 from monai.inferers import Inferer
 from monai.transforms import (
     AsDiscreted,
@@ -113,13 +114,32 @@ def query_preprocessing(contract: DataContract, channels: int = 1) -> Compose:
 #: postfix of every written prediction, ``<name>_seg.nii.gz`` (the model zoo's convention), for the training
 #: bundles' inference and the frozen bundles of ``fsmis freeze`` alike
 OUTPUT_POSTFIX = "seg"
+#: extension of the written predictions (NIfTI, gzipped)
+OUTPUT_EXT = ".nii.gz"
+#: NIfTI header ``descrip`` of every prediction :class:`AtomicNibabelWriter` writes: a later run over the same
+#: folder (``output_dir`` = ``dataset_dir``) knows its own outputs and never segments them as queries
+PREDICTION_MARK = b"fsmis-monai prediction"
+
+
+def prediction_layout(output_dir: str | Path, data_root_dir: str | Path = "", postfix: str = OUTPUT_POSTFIX,
+                      extension: str = OUTPUT_EXT, makedirs: bool = True) -> FolderLayout:
+    """Where the output of a query goes: MONAI's ``FolderLayout`` (the one ``SaveImaged`` uses), with the
+    query's folder below ``data_root_dir`` kept under ``output_dir``: ``<root>/p2/image.nii.gz`` ->
+    ``<output_dir>/p2/image_<postfix><extension>``. Prediction NIfTIs, overlay PNGs and the query datalist's
+    collision check (:func:`query_datalist`) all name outputs with it."""
+    return FolderLayout(str(output_dir), postfix=postfix, extension=extension, parent=False, makedirs=makedirs,
+                        data_root_dir=str(data_root_dir))
 
 
 def prediction_postprocessing(preprocessing: Compose, output_dir: str | Path, output_postfix: str = OUTPUT_POSTFIX,
-                              keep_largest: bool = False, write_overlays: bool = True) -> Compose:
+                              keep_largest: bool = False, write_overlays: bool = True,
+                              data_root_dir: str | Path = "") -> Compose:
     """``pred`` logits ``[2, H, W, D]`` on the network's grid -> argmax -> ``Invertd`` back to the query file's
     own geometry (shape and affine of the input, nearest) -> optionally ``KeepLargestConnectedComponentd`` ->
-    NIfTI written atomically (``<name>_<postfix>.nii.gz``) -> overlay PNG (the image inverted too)."""
+    NIfTI written atomically (``<name>_<postfix>.nii.gz``, header marked :data:`PREDICTION_MARK`) -> overlay
+    PNG (the image inverted too). ``data_root_dir`` (the query folder): sub-folders of the queries are kept
+    under ``output_dir`` (:func:`prediction_layout`), so ``p2/image.nii.gz`` and ``p3/image.nii.gz`` get a
+    prediction each."""
     from fsmis_monai.transforms.overlays import SaveOverlayd
 
     keys = ["pred", "image"] if write_overlays else ["pred"]
@@ -130,12 +150,94 @@ def prediction_postprocessing(preprocessing: Compose, output_dir: str | Path, ou
     ]
     if keep_largest:
         xforms.append(KeepLargestConnectedComponentd("pred", applied_labels=[1]))
-    xforms.append(SaveImaged("pred", output_dir=str(output_dir), output_postfix=output_postfix,
-                             output_dtype=np.uint8, resample=False, separate_folder=False, print_log=False,
-                             writer=AtomicNibabelWriter))
+    xforms.append(SaveImaged("pred", output_ext=OUTPUT_EXT, output_dtype=np.uint8, resample=False, print_log=False,
+                             writer=AtomicNibabelWriter,
+                             folder_layout=prediction_layout(output_dir, data_root_dir, output_postfix)))
     if write_overlays:
-        xforms.append(SaveOverlayd(["image", "pred"], output_dir=output_dir, n_slices=3))
+        xforms.append(SaveOverlayd(["image", "pred"], n_slices=3,
+                                   folder_layout=prediction_layout(output_dir, data_root_dir, "overlay", ".png")))
     return Compose(xforms)
+
+
+def query_datalist(dataset_dir: str | Path, query_glob: str = "*.nii*", output_dir: Optional[str | Path] = None,
+                   output_postfix: str = OUTPUT_POSTFIX) -> list[dict[str, str]]:
+    """``[{"image": file}, ...]``: the query files of ``dataset_dir`` matching ``query_glob`` (sorted), for the
+    ``datalist`` of every inference bundle (training bundles and ``fsmis freeze`` ones).
+
+    One query, one prediction: each query's prediction path (:func:`prediction_layout` under ``output_dir``,
+    sub-folders kept) must be its own and must not be another query. Predictions of earlier runs (NIfTI header
+    marked :data:`PREDICTION_MARK`) are never queries, so ``output_dir`` may be the query folder. Everything is
+    checked before anything is segmented or written.
+
+    Raises:
+        FsmisInputError: ``dataset_dir`` missing or not a folder; nothing matches (with a hint when the folder
+            holds DICOM series, which must be converted to NIfTI first) or only earlier predictions; a match is
+            a folder; a query outside ``dataset_dir`` (``..`` in the glob); two queries with one prediction path
+            (``case.nii`` and ``case.nii.gz``), naming both; a query file another query's prediction would
+            overwrite.
+    """
+    import glob
+    import os
+
+    root = Path(dataset_dir)
+    if not root.is_dir():
+        raise FsmisInputError(f"{root}: query folder " + ("is a file, not a folder" if root.exists() else "not found"))
+    matches = sorted(glob.glob(os.path.join(str(root), query_glob)))
+    folders = [m for m in matches if os.path.isdir(m)]
+    if folders:
+        raise FsmisInputError(f"{folders[0]}: is a folder, not a NIfTI file (matched by query_glob '{query_glob}')"
+                              + _dicom_hint(Path(folders[0])))
+    if not matches:
+        raise FsmisInputError(f"{root}: no file matches '{query_glob}'" + _dicom_hint(root))
+    queries = [m for m in matches if not _is_prediction(m)]  # earlier runs' outputs are never queries
+    if not queries:
+        raise FsmisInputError(f"{root}: every file matching '{query_glob}' ({len(matches)}) is a prediction of an "
+                              "earlier run; no query left")
+    layout = prediction_layout(root if output_dir is None else output_dir, root, output_postfix, makedirs=False)
+    outputs: dict[str, str] = {}
+    for query in queries:
+        if os.path.relpath(query, root).startswith(os.pardir):
+            raise FsmisInputError(f"{query}: query outside the query folder {root} (query_glob '{query_glob}')")
+        out = os.path.normpath(str(layout.filename(subject=query)))
+        if out in outputs:
+            raise FsmisInputError(f"{outputs[out]}, {query}: two queries, one prediction path {out} (one would "
+                                  "overwrite the other); rename one of them")
+        outputs[out] = query
+    for query in queries:
+        owner = outputs.get(os.path.normpath(query))
+        if owner is not None:
+            raise FsmisInputError(f"{query}: the prediction of the query {owner} would overwrite it; choose another "
+                                  "output_dir")
+    if len(queries) < len(matches):
+        logging.getLogger(__name__).info("%s: %d of the files matching %r are predictions of an earlier run, not "
+                                         "queries", root, len(matches) - len(queries), query_glob)
+    return [{"image": q} for q in queries]
+
+
+def _is_prediction(path: str | Path) -> bool:
+    """Whether ``path`` is a NIfTI written by :class:`AtomicNibabelWriter` (header ``descrip``)."""
+    import nibabel as nib
+
+    try:
+        return nib.load(str(path)).header["descrip"].item() == PREDICTION_MARK
+    except Exception:  # unreadable: not ours (the loader names the problem when it reads it as a query)
+        return False
+
+
+def _dicom_hint(folder: Path) -> str:
+    """``"; ... holds DICOM ..."`` when ``folder`` or one of its first sub-folders holds DICOM files, else ``""``."""
+    from fsmis_monai.transforms.checks import dicom_files
+
+    try:
+        candidates = [folder] + sorted(p for p in folder.iterdir() if p.is_dir())[:20]
+        series = [p for p in candidates if dicom_files(p)]
+    except OSError:
+        return ""
+    if not series:
+        return ""
+    names = ", ".join(str(p) for p in series[:3]) + (" ..." if len(series) > 3 else "")
+    return (f"; DICOM series found ({names}): convert each series to a NIfTI file first (e.g. "
+            "`dcm2niix -z y -o OUT SERIES_FOLDER`, or SimpleITK's ImageSeriesReader), then point dataset_dir at them")
 
 
 def _source(tensor: torch.Tensor) -> str:
@@ -146,11 +248,18 @@ def _source(tensor: torch.Tensor) -> str:
 
 class AtomicNibabelWriter(NibabelWriter):
     """MONAI's ``NibabelWriter`` writing through :func:`fsmis_monai.io.atomic_path` (``SaveImaged(writer=...)``):
-    an interrupted inference leaves the previous prediction or none, never a truncated NIfTI."""
+    an interrupted inference leaves the previous prediction or none, never a truncated NIfTI. The header's
+    ``descrip`` is :data:`PREDICTION_MARK`."""
 
     def write(self, filename: Any, verbose: bool = False, **obj_kwargs: Any) -> None:
         with atomic_path(filename) as tmp:
             super().write(tmp, verbose=verbose, **obj_kwargs)
+
+    @classmethod
+    def create_backend_obj(cls, data_array: Any, affine: Any = None, dtype: Any = None, **kwargs: Any) -> Any:
+        image = super().create_backend_obj(data_array, affine=affine, dtype=dtype, **kwargs)
+        image.header["descrip"] = PREDICTION_MARK  # a later run over the same folder knows it (query_datalist)
+        return image
 
 
 class FewShotVolumeInferer(Inferer):

@@ -14,6 +14,7 @@ from typing import Any, Hashable, Mapping
 import numpy as np
 import torch
 from monai.config import KeysCollection
+from monai.data import FolderLayout, FolderLayoutBase
 from monai.transforms import MapTransform
 
 
@@ -54,16 +55,19 @@ class SaveOverlayd(MapTransform):
 
     Args:
         keys: the image key and the prediction key, in that order.
-        output_dir: folder of the PNGs (created).
+        output_dir: folder of the PNGs (created), when no ``folder_layout`` is given.
         n_slices: slices shown (those with the largest predicted area).
+        folder_layout: MONAI ``FolderLayout`` naming the PNG from the query file (as ``SaveImaged(folder_layout=...)``
+            names the prediction, e.g. keeping the query's sub-folder); default: ``output_dir/<name>_overlay.png``.
     """
 
     def __init__(self, keys: KeysCollection = ("image", "pred"), output_dir: str | Path = ".", n_slices: int = 3,
-                 allow_missing_keys: bool = False) -> None:
+                 folder_layout: FolderLayoutBase | None = None, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
         if len(self.keys) != 2:
             raise ValueError(f"keys must be (image key, prediction key), got {self.keys}")
-        self.output_dir = Path(output_dir)
+        self.folder_layout = folder_layout or FolderLayout(str(output_dir), postfix="overlay", extension=".png",
+                                                           parent=False, makedirs=True)
         self.n_slices = n_slices
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
@@ -71,9 +75,10 @@ class SaveOverlayd(MapTransform):
         image_key, pred_key = self.keys
         image, pred = d[image_key], d[pred_key]
         meta = getattr(pred, "meta", None) or getattr(image, "meta", None) or {}
-        name = Path(str(meta.get("filename_or_obj", "query"))).name.split(".")[0]
+        source = str(meta.get("filename_or_obj", "query"))
+        name = Path(source).name.split(".")[0]
         image_np = torch.as_tensor(image).detach().cpu().numpy()[0]
         pred_np = torch.as_tensor(pred).detach().cpu().numpy()[0]
         slices = overlay_slices(pred_np, self.n_slices)
-        save_overlay_png(self.output_dir / f"{name}_overlay.png", image_np, pred_np, slices, name)
+        save_overlay_png(self.folder_layout.filename(subject=source), image_np, pred_np, slices, name)
         return d
