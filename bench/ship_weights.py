@@ -175,6 +175,13 @@ def main() -> None:
         meta["eval_metrics"] = {"mean_dice": metrics["protocols"]["ep1"]["mean_dice"],
                                 "mean_dice_whole": metrics["protocols"]["whole"]["mean_dice"]}
     source.write_text(json.dumps(meta, indent=4) + "\n")
+    if not args.variant and record.get("encoder"):
+        # inference.json falls back to this encoder when it cannot read --ckpt_path's record (MONAI's
+        # monai.bundle.load parses the config without a bundle_root, so "./models/model.pt" is not found)
+        infer = source.with_name("inference.json")
+        layer = json.loads(infer.read_text()) if infer.is_file() else {}
+        layer["encoder"] = record["encoder"]
+        infer.write_text(json.dumps(layer, indent=4) + "\n")
     render_all(REPO / "bundles")
     final = (iterations, metrics["protocols"]["ep1"]["mean_dice"])
     name = f"learning_curve_{args.variant}.png" if args.variant else "learning_curve.png"
