@@ -115,6 +115,7 @@ def run_config(name: str, args: argparse.Namespace) -> None:
     done = {json.loads(line)["iteration"] for line in curve_file.read_text().splitlines()} if curve_file.exists() else set()
     wf = workflow(config, out, args, iterations)
     wf.initialize()
+    wf.parser.get_parsed_content("train#volumes")  # builds the volumes, which writes the run's data contract
     network = wf.parser.get_parsed_content("network_def")
     progress = json.loads(progress_file.read_text()) if progress_file.exists() else {"iteration": 0, "cpu_s": 0.0}
     clock = {"start": time.process_time(), "offset": progress["cpu_s"], "eval": 0.0}

@@ -91,6 +91,11 @@ def key_metrics(results: Dict[str, dict], args: argparse.Namespace, record: dict
 
 
 def curve(run_dir: Path) -> List[tuple]:
+    """(iteration, held-out EP1 mean) along the run: ``bench/encoder_curves.py``'s ``curve.jsonl`` or the bundle's
+    ``FewShotValidation`` summaries (``validation/iteration_<N>/summary.json``)."""
+    if (run_dir / "curve.jsonl").is_file():
+        rows = [json.loads(line) for line in (run_dir / "curve.jsonl").read_text().splitlines() if line.strip()]
+        return sorted({r["iteration"]: r["ep1"]["mean"] for r in rows}.items())
     points = []
     for f in sorted((run_dir / "validation").glob("iteration_*/summary.json")):
         s = json.loads(f.read_text())
