@@ -4,14 +4,16 @@ Self-supervised training needs one pseudolabel file ``superpix-<tag>_<id>.nii.gz
 ``pseudolabel_dir`` (3D supervoxels for ADNet and the Q-Net family, 2D superpixels for SSL-ALPNet).
 :func:`ensure_pseudolabels` returns the folder once every scan has its file. Missing files are generated
 with :mod:`fsmis_monai.data.pseudolabel_folder` and cached on disk (written atomically, so an interrupted run never
-leaves a truncated file), or, with ``generate=False``, reported with the command that makes them.
+leaves a truncated file), or, with ``generate=False``, reported with the command that makes them. Under
+``torch.distributed`` (``torchrun``) rank 0 alone checks and generates; the other ranks wait for it and
+share its outcome (:func:`on_rank_zero`).
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional, TypeVar
 
 from fsmis_monai.data.datalist import pair_scans, scan_id_of
 from fsmis_monai.data.registry import get_dataset
@@ -20,6 +22,39 @@ from fsmis_monai.io import FsmisInputError
 logger = logging.getLogger(__name__)
 
 PseudolabelKind = Literal["supervoxels", "superpixels"]
+T = TypeVar("T")
+
+
+def on_rank_zero(task: Callable[[], T]) -> T:
+    """``task()`` run by rank 0 of the ``torch.distributed`` group while the other ranks wait (a broadcast from
+    rank 0, which is also the barrier); every rank returns rank 0's result or raises its error (an input error
+    as the same :class:`FsmisInputError`, anything else as ``RuntimeError`` naming it). Without a process
+    group of more than one rank, ``task()`` is simply run.
+
+    Raises:
+        FsmisInputError: ``task`` raised one on rank 0.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return task()
+    outcome: list = [None]
+    error: Optional[BaseException] = None
+    if dist.get_rank() == 0:
+        try:
+            outcome = [("ok", task())]
+        except Exception as e:  # shared with the waiting ranks, then re-raised here
+            error = e
+            outcome = [("input" if isinstance(e, FsmisInputError) else "bug", f"{type(e).__name__}: {e}", str(e))]
+    dist.broadcast_object_list(outcome, src=0)
+    if error is not None:
+        raise error
+    status, *detail = outcome[0]
+    if status == "ok":
+        return detail[0]
+    if status == "input":
+        raise FsmisInputError(detail[1])
+    raise RuntimeError(f"rank 0 failed: {detail[0]}")
 
 
 def _existing(pseudolabel_dir: Path) -> set[int]:
@@ -66,10 +101,18 @@ def ensure_pseudolabels(
     Nothing is written into ``dataset_dir`` (it may be read-only) unless ``pseudolabel_dir`` lies inside it.
     Returns ``pseudolabel_dir`` as a string (for bundle configs).
 
+    Under ``torchrun`` only rank 0 generates; the others wait for it (:func:`on_rank_zero`).
+
     Raises:
         FsmisInputError: pseudolabels are missing and ``generate`` is False, or a scan failed (the message
-            names its file and the summary file).
+            names its file and the summary file); on every rank.
     """
+    return on_rank_zero(lambda: _ensure_here(dataset_dir, pseudolabel_dir, kind, dataset, generate, min_size, workers))
+
+
+def _ensure_here(dataset_dir: str | Path, pseudolabel_dir: str | Path, kind: PseudolabelKind, dataset: str,
+                 generate: bool, min_size: Optional[int], workers: int) -> str:
+    """:func:`ensure_pseudolabels` in this process."""
     from fsmis_monai.data.pseudolabel_folder import superpixel_folder, supervoxel_folder
 
     out = Path(pseudolabel_dir)
