@@ -247,18 +247,16 @@ class FewShotEvaluator:
         folds = [int(folds)] if isinstance(folds, (int, np.integer)) else [int(f) for f in folds]
         setups = {f: self._fold_setup(f) for f in folds}
         fold_runs = {str(f): {"support_id": s, "query_ids": list(q)} for f, (s, q, _) in setups.items()}
+        files = {f.scan_id: f for f in pair_scans(self.dataset_dir, require_pseudolabels=False)}
+        prepared = {f: self._support(f, setups[f], files) for f in folds}  # every class checked before any query
         if self.output_dir is not None:
             self._check_resume(self._run_config(fold_runs))
-        files = {f.scan_id: f for f in pair_scans(self.dataset_dir, require_pseudolabels=False)}
         cases: list[CaseResult] = []
         for f in folds:
             support_id, query_ids, train_ids = setups[f]
             fold_dir = None if self.output_dir is None else (
                 self.output_dir if len(folds) == 1 else self.output_dir / f"fold_{f}")
-            stats = None if self.global_stats is None else IntensityStats(*map(float, self.global_stats))
-            if self.normalization == "global" and stats is None and self.contract is None:
-                stats = intensity_stats([files[i] for i in train_ids])
-            support = load_scan(files[support_id], self.desc, self.normalization, stats, self.contract)
+            stats, support = prepared.pop(f)
             support_image = to_channels(support.image)
             self._states: dict[int, dict] = {}  # encoded support groups per class, kept for the fold
             fold_cases: list[CaseResult] = []
@@ -280,6 +278,28 @@ class FewShotEvaluator:
         if self.output_dir is not None:
             self._write_reports(self.output_dir, cases, f"{self.desc.title}, {self.family} folds", summary)
         return summary
+
+    def _support(self, fold: int, setup: tuple, files: dict[int, ScanFiles]) -> tuple[Optional[IntensityStats], Scan]:
+        """The fold's intensity statistics and prepared support scan, which must hold every evaluated class.
+
+        Raises:
+            FsmisInputError: the support scan holds no voxel of a class; names the scan (id, label file), the
+                class (id, name) and the two ways out (``support_id``, ``classes``).
+        """
+        support_id, _, train_ids = setup
+        stats = None if self.global_stats is None else IntensityStats(*map(float, self.global_stats))
+        if self.normalization == "global" and stats is None and self.contract is None:
+            stats = intensity_stats([files[i] for i in train_ids])
+        support = load_scan(files[support_id], self.desc, self.normalization, stats, self.contract)
+        absent = [c for c in self.classes if not (support.label == c).any()]
+        if absent:
+            held = [c for c in self.classes if c not in absent]
+            named = ", ".join(f"{c} ({self.desc.class_name(c)})" for c in absent)
+            raise FsmisInputError(
+                f"{files[support_id].label}: support scan {support_id} (fold {fold}) holds no voxel of class {named}; "
+                f"choose a support scan that holds it (support_id) or evaluate the classes it holds "
+                f"(classes: {held or 'none'})")
+        return stats, support
 
     def _write_reports(self, out: Path, cases: list[CaseResult], title: str, summary: Optional[dict] = None) -> None:
         if summary is None:
