@@ -57,7 +57,7 @@ CONTRACT_FILE = "data_contract.json"
 SPACING_TOL = 1e-3
 
 __all__ = ["DataContract", "build_pipeline", "contract_path", "save_contract", "load_contract",
-           "contract_from_scans", "resolve_support_class", "NORMALIZATIONS"]
+           "contract_from_scans", "resolve_support_class", "NORMALIZATIONS", "network_image_size"]
 
 
 @dataclass(frozen=True)
@@ -159,6 +159,15 @@ def save_contract(contract: DataContract, model_path: str | os.PathLike[str]) ->
         except (OSError, ValueError):
             pass  # unreadable: replaced below
     return write_json(path, record)
+
+
+def network_image_size(model_path: Optional[str | os.PathLike[str]], image_size: int) -> list[int]:
+    """``[H, W]`` to build a network whose layers depend on the slice size (GMRD) at: the ``image_size`` of the
+    contract saved beside ``model_path`` (the size it was trained at, e.g. ``--image_size 128``), else
+    ``[image_size, image_size]`` (no weights, or weights without a contract). Used by evaluation and inference
+    alike, so a network is built as it was trained whatever ``image_size`` the command gives."""
+    saved = load_contract(model_path, default=DataContract()).image_size if model_path else None
+    return [int(s) for s in saved] if saved is not None else [int(image_size), int(image_size)]
 
 
 def load_contract(model_path: str | os.PathLike[str], default: Optional[DataContract] = None) -> DataContract:

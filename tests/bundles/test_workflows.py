@@ -164,3 +164,33 @@ def test_inference_json_writes_predictions_on_query_grid(tiny_data, tmp_path):
     out = nib.load(tmp_path / "pred" / "patient_a_seg.nii.gz")
     assert out.shape == src.shape and np.allclose(out.affine, affine)
     assert set(np.unique(np.asarray(out.dataobj)).tolist()) <= {0, 1}
+
+
+def test_gmrd_trained_at_128_evaluates_with_the_documented_command(tiny_data, tmp_path):
+    """GMRD's prototype MLPs depend on the slice size: trained with ``--image_size 128``, the README's evaluation
+    command (``--encoder small`` added, no size) builds the network at the size the data contract records."""
+    import os
+    import subprocess
+    import sys
+
+    torch.set_num_threads(1)
+    run = tmp_path / "run"
+    wf = _workflow("gmrd", "train.json", "train", **_train_overrides("gmrd", tiny_data, run, image_size=128))
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    assert json.loads((run / "data_contract.json").read_text())["image_size"] == [128, 128]
+    configs = REPO / "bundles" / "gmrd" / "configs"
+    out = tmp_path / "eval"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--bundle_root", str(REPO / "bundles" / "gmrd"),
+           "--config_file", json.dumps([str(configs / "train.json"), str(configs / "evaluate.json")]),
+           "--dataset_dir", str(tiny_data / "data"), "--output_dir", str(out), "--ckpt_path", str(run / "model.pt"),
+           "--encoder", "small",
+           # the two scans of the window: support 1, query 2, liver (the README's command takes fold 0's scans)
+           "--support_id", "1", "--query_ids", "[2]", "--classes", "[1]"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out / "per_case.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {(r["query_id"], r["class"]) for r in rows} == {("2", "1")}, rows
