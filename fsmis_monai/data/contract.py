@@ -94,11 +94,11 @@ class DataContract:
     def for_dataset(cls, dataset: Optional[str], **kwargs: Any) -> "DataContract":
         """A contract with the registry's label map and class names of ``dataset`` (``None``, ``"none"`` or
         ``""``: a user's own data, any raw label value is a class; the spelling a command line can pass)."""
-        if dataset is None or str(dataset).strip().lower() in ("none", ""):
-            return cls(**kwargs)
         from fsmis_monai.data.registry import get_dataset
 
         desc = get_dataset(dataset)
+        if desc.own_data:
+            return cls(**kwargs)
         return cls(class_names=dict(desc.label_names), label_map=dict(desc.raw_label_map), dataset=desc.key, **kwargs)
 
     def replace(self, **changes: Any) -> "DataContract":
@@ -211,12 +211,11 @@ def contract_from_scans(image_files: Sequence[str | os.PathLike[str]], dataset: 
     spacings = np.asarray(spacings)
     if np.all(np.abs(spacings - spacings[0]) <= SPACING_TOL):
         spacing: Optional[tuple] = tuple(float(round(s, 6)) for s in spacings[0])
-    elif dataset is not None:
+    else:  # the benchmark's target spacing; own data (dataset none): each scan keeps its own
         from fsmis_monai.data.registry import get_dataset
 
-        spacing = tuple(float(s) for s in get_dataset(dataset).target_spacing)
-    else:
-        spacing = None
+        desc = get_dataset(dataset)
+        spacing = None if desc.own_data else tuple(float(s) for s in desc.target_spacing)
     stats: dict[str, float] = {}
     if normalization == "global":
         from fsmis_monai.data.datalist import ScanFiles

@@ -71,16 +71,18 @@ def pseudolabel_command(dataset_dir: str | Path, pseudolabel_dir: str | Path, ki
                         dataset: str = "chaos", min_size: Optional[int] = None, workers: int = 1) -> list[str]:
     """The ``fsmis`` arguments that create the pseudolabels (the command line of what :func:`ensure_pseudolabels` runs)."""
     cli_dataset, size = _pseudolabel_settings(kind, dataset, min_size)
-    return [kind, "--src", str(dataset_dir), "--dst", str(pseudolabel_dir), "--dataset", cli_dataset,
-            "--workers", str(int(workers)), "--min-size", str(size)]
+    return [kind, "--src", str(dataset_dir), "--dst", str(pseudolabel_dir),
+            *(["--dataset", cli_dataset] if cli_dataset else []), "--workers", str(int(workers)),
+            "--min-size", str(size)]
 
 
-def _pseudolabel_settings(kind: str, dataset: str, min_size: Optional[int]) -> tuple[str, int]:
-    """``(dataset name of the command line, min_size)``; ``min_size`` None: the dataset's reference value."""
+def _pseudolabel_settings(kind: str, dataset: Optional[str], min_size: Optional[int]) -> tuple[Optional[str], int]:
+    """``(dataset name of the command line, min_size)``; ``min_size`` None: the dataset's reference value (own
+    data, dataset ``none``: no dataset name and :data:`~fsmis_monai.data.registry.OWN_DATA`'s stated default)."""
     if kind not in ("supervoxels", "superpixels"):
         raise ValueError(f"unknown pseudolabel kind {kind!r}; use 'supervoxels' or 'superpixels'")
     desc = get_dataset(dataset)
-    return _CLI_DATASET[desc.key], desc.pseudolabel_min_size(kind) if min_size is None else int(min_size)
+    return _CLI_DATASET.get(desc.key), desc.pseudolabel_min_size(kind) if min_size is None else int(min_size)
 
 
 def ensure_pseudolabels(

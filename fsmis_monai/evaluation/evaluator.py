@@ -73,6 +73,26 @@ def load_scan(files: ScanFiles, desc: DatasetDescriptor, normalization: Normaliz
     return Scan(files.scan_id, image, vol.label.transpose(1, 2, 0), vol.affine, Path(files.image))
 
 
+def present_classes(files: Sequence[ScanFiles]) -> tuple[int, ...]:
+    """The non-zero label values of ``files`` (the classes of a user's own masks), ascending.
+
+    Raises:
+        FsmisInputError: no label holds any non-zero value.
+    """
+    from fsmis_monai.io import load_nifti
+    from fsmis_monai.transforms.checks import label_values
+
+    found: set[int] = set()
+    for f in files:
+        if f.label is not None:
+            found.update(int(v) for v in label_values(load_nifti(f.label)[0])[0].tolist())
+    found.discard(0)
+    if not found:
+        raise FsmisInputError(f"{files[0].label if files else '(no scans)'}: the labels of the evaluated scans hold "
+                              "no class (every voxel is 0)")
+    return tuple(sorted(found))
+
+
 def to_channels(image: np.ndarray) -> torch.Tensor:
     """[X, Y, Z] -> [3, X, Y, Z]: single-channel slices repeated to 3 channels
     (docs/reference.md#intensity-normalisation)."""
@@ -207,14 +227,20 @@ class FewShotEvaluator:
 
     def _fold_setup(self, fold: int):
         available = [f.scan_id for f in pair_scans(self.dataset_dir, require_pseudolabels=False)]
-        spec = get_fold(self.desc, fold, self.family)
-        support = int(self.support_id) if self.support_id is not None else spec.support_id
-        queries = self.query_ids if self.query_ids is not None else spec.query_ids
+        if self.desc.own_data:  # no folds (registry.OWN_DATA): the lowest id supports the other scans by default
+            support = int(self.support_id) if self.support_id is not None else min(available, default=-1)
+            queries = self.query_ids if self.query_ids is not None else tuple(i for i in available if i != support)
+            spec = None
+        else:
+            spec = get_fold(self.desc, fold, self.family)
+            support = int(self.support_id) if self.support_id is not None else spec.support_id
+            queries = self.query_ids if self.query_ids is not None else spec.query_ids
         missing = [i for i in (support, *queries) if i not in available]
         if missing:
             raise FsmisInputError(f"{self.dataset_dir}: fold {fold} ({self.family}) needs scans {missing}, "
                                   f"which are not in the folder (found ids {available})")
-        train = [i for i in spec.train_ids if i in available]
+        train = [i for i in available if i == support or i in queries] if spec is None else [
+            i for i in spec.train_ids if i in available]
         return support, tuple(queries), train
 
     def _run_config(self, fold_runs: dict) -> dict:
@@ -248,6 +274,8 @@ class FewShotEvaluator:
         setups = {f: self._fold_setup(f) for f in folds}
         fold_runs = {str(f): {"support_id": s, "query_ids": list(q)} for f, (s, q, _) in setups.items()}
         files = {f.scan_id: f for f in pair_scans(self.dataset_dir, require_pseudolabels=False)}
+        if not self.classes:  # own data (dataset none): the label values its scans hold
+            self.classes = present_classes([files[i] for s, q, _ in setups.values() for i in (s, *q)])
         prepared = {f: self._support(f, setups[f], files) for f in folds}  # every class checked before any query
         if self.output_dir is not None:
             self._check_resume(self._run_config(fold_runs))
