@@ -61,6 +61,8 @@ class DatasetDescriptor:
         for c, n in self.label_names.items():
             if n.lower() == str(name_or_id).lower():
                 return c
+        if self.own_data:
+            raise KeyError(f"unknown class {name_or_id!r}: with no dataset (none) a class is a label value, e.g. 255")
         raise KeyError(f"{self.key}: unknown class {name_or_id!r}; known: {dict(self.label_names)}")
 
     def pseudolabel_min_size(self, kind: str) -> int:

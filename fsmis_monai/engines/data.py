@@ -23,6 +23,8 @@ from fsmis_monai.io import FsmisInputError
 logger = logging.getLogger(__name__)
 
 PseudolabelKind = Literal["supervoxels", "superpixels"]
+
+
 def _existing(pseudolabel_dir: Path) -> set[int]:
     if not pseudolabel_dir.is_dir():
         return set()
