@@ -4,7 +4,7 @@ MONAI wraps an error raised while resolving a config item in ``RuntimeError: Fai
 ConfigExpression`` (or ``Failed to instantiate component``), so the product's own message would sit in the
 middle of a long traceback. Every shipped bundle config imports this module (its ``imports`` list, whose
 import statements MONAI evaluates before any other item), which installs :func:`excepthook`: an uncaught
-error with bad input in its chain (the rule of the ``fsmis`` commands, :func:`fsmis_monai.cli.input_error_line`)
+error with bad input in its chain (the rule of the ``fsmis`` commands, :func:`fsmis_monai.io.input_error_line`)
 is printed as one line ``error: <file>: <problem>``; any other error is a bug and keeps Python's full
 traceback. ``FSMIS_TRACEBACK=1`` prints the traceback of input errors too, followed by the same line.
 
@@ -19,7 +19,7 @@ import sys
 from types import TracebackType
 from typing import Optional
 
-from fsmis_monai.cli import input_error_line
+from fsmis_monai.io import input_error_line
 
 __all__ = ["excepthook", "install"]
 
