@@ -5,6 +5,8 @@ machinery, the evaluation override, the inference pipeline, the multi-GPU overri
 ``logging.conf``, ``LICENSE`` and the shared sections of ``docs/README.md``), ``_source/methods/<method>/``
 the method's own keys (``network.json``: ``method``, ``encoder``, ``seed``, hyper-parameters and their
 ``network_def`` arguments; ``train.json``: schedule, fold family, validation protocol, episode sampler;
+``trained.json``: what the configs that load trained weights (evaluation, inference) add, e.g. GMRD built at
+the size its data contract records;
 ``metadata.json``: name, task, authors, paper). A shipped config is the merge of its layers, in the order of
 :data:`LAYERS`, by MONAI's own ``ConfigParser.load_config_files`` (the semantics of
 ``--config_file "['a.json','b.json']"``: later keys override, ``a#b`` ids reach into nested items, ``+key``
@@ -39,9 +41,9 @@ SOURCE = "_source"
 LAYERS: dict[str, tuple[str, ...]] = {
     "train.json": ("common/network.json", "common/train.json", "methods/{method}/network.json",
                    "methods/{method}/train.json"),
-    "evaluate.json": ("common/evaluate.json", "methods/{method}/evaluate.json"),
+    "evaluate.json": ("common/evaluate.json", "methods/{method}/evaluate.json", "methods/{method}/trained.json"),
     "inference.json": ("common/network.json", "common/inference.json", "methods/{method}/network.json",
-                       "methods/{method}/inference.json"),
+                       "methods/{method}/trained.json"),
     "multi_gpu_train.json": ("common/multi_gpu_train.json", "methods/{method}/multi_gpu_train.json"),
     "metadata.json": ("common/metadata.json", "methods/{method}/metadata.json"),
 }

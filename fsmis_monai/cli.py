@@ -58,18 +58,6 @@ def _version() -> str:
     return f"fsmis-monai {__version__}"
 
 
-def input_error_line(error: BaseException) -> str | None:
-    """``"<file>: <problem>"`` when ``error`` is bad input (see the module docstring), else None."""
-    from fsmis_monai.io import input_error_in
-
-    found = input_error_in(error)
-    if found is not None:
-        return str(found)
-    if isinstance(error, OSError) and error.filename is not None:
-        return f"{error.filename}: {error.strerror or error}"
-    return None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -79,6 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except Exception as e:
+        from fsmis_monai.io import input_error_line
+
         line = input_error_line(e)
         if line is None:
             raise

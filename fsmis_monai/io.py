@@ -40,6 +40,18 @@ def input_error_in(error: BaseException | None) -> FsmisInputError | None:
     return None
 
 
+def input_error_line(error: BaseException) -> str | None:
+    """``"<file>: <problem>"`` when ``error`` is bad input, else None (a bug). Bad input: a
+    :class:`FsmisInputError` anywhere in the chain (:func:`input_error_in`), or an ``OSError`` naming a file.
+    The one rule of the ``fsmis`` commands and of bundles (:mod:`fsmis_monai.bundle_errors`)."""
+    found = input_error_in(error)
+    if found is not None:
+        return str(found)
+    if isinstance(error, OSError) and error.filename is not None:
+        return f"{error.filename}: {error.strerror or error}"
+    return None
+
+
 def _file_mode() -> int:
     """The mode a plain ``open(path, "w")`` would give (``mkstemp`` creates files readable by the owner only)."""
     mask = os.umask(0)

@@ -53,3 +53,29 @@ def test_prototype_baseline_takes_an_encoder_name():
 
     method = build_method("prototype", encoder="small")
     assert isinstance(method.encoder, SmallEncoder) and isinstance(method.encoder, nn.Module)
+
+
+def test_support_scan_without_a_class_is_named_before_any_query(chaos_dir, tmp_path, capsys):
+    """Support scan 1 without its spleen: one line naming the scan (id, label file), the class (id, name) and
+    the ways out, before any query is segmented or anything written."""
+    import nibabel as nib
+    import numpy as np
+
+    from fsmis_monai.io import save_nifti
+
+    from _real_scans import liver_window
+
+    data = liver_window(chaos_dir, tmp_path / "data", (1, 2), n_slices=6)
+    label = data / "label_1.nii.gz"
+    img = nib.load(label)
+    mask = np.asarray(img.dataobj)
+    save_nifti(label, np.where(mask == 4, 0, mask).astype(np.uint8), affine=img.affine)  # no spleen
+    out = tmp_path / "out"
+    code = main(["evaluate", "--dataset-dir", str(data), "--output-dir", str(out), "--query-ids", "2",
+                 "--support-id", "1", "--protocols", "ep1", "--method", "prototype", "--no-progress",
+                 "--device", "cpu", "--dataset", "chaos", "--classes", "liver,spleen"])
+    assert code == 1
+    line = _error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: {label}: support scan 1 ") and "class 4 (spleen)" in line, line
+    assert "support_id" in line and "classes: [1]" in line, line
+    assert not out.exists()  # nothing segmented, nothing written

@@ -106,7 +106,8 @@ def _metadata(source: dict, method: str, support_class: Any, protocol: str, pick
 
 def _inference_config(method_def: dict, spec: dict, refine: bool, size: list[int]) -> dict:
     return {
-        "imports": ["$import numpy", "$import torch", "$import fsmis_monai", "$import fsmis_monai.export",
+        "imports": ["$import numpy", "$import torch", "$import fsmis_monai", "$import fsmis_monai.bundle_errors",
+                    "$import fsmis_monai.export",
                     "$import fsmis_monai.data.contract", "$import fsmis_monai.engines.inference"],
         "bundle_root": ".",
         "dataset_dir": "/workspace/data/queries",

@@ -57,7 +57,7 @@ CONTRACT_FILE = "data_contract.json"
 SPACING_TOL = 1e-3
 
 __all__ = ["DataContract", "build_pipeline", "contract_path", "save_contract", "load_contract",
-           "contract_from_scans", "resolve_support_class", "NORMALIZATIONS"]
+           "contract_from_scans", "resolve_support_class", "NORMALIZATIONS", "network_image_size"]
 
 
 @dataclass(frozen=True)
@@ -94,11 +94,11 @@ class DataContract:
     def for_dataset(cls, dataset: Optional[str], **kwargs: Any) -> "DataContract":
         """A contract with the registry's label map and class names of ``dataset`` (``None``, ``"none"`` or
         ``""``: a user's own data, any raw label value is a class; the spelling a command line can pass)."""
-        if dataset is None or str(dataset).strip().lower() in ("none", ""):
-            return cls(**kwargs)
         from fsmis_monai.data.registry import get_dataset
 
         desc = get_dataset(dataset)
+        if desc.own_data:
+            return cls(**kwargs)
         return cls(class_names=dict(desc.label_names), label_map=dict(desc.raw_label_map), dataset=desc.key, **kwargs)
 
     def replace(self, **changes: Any) -> "DataContract":
@@ -161,6 +161,15 @@ def save_contract(contract: DataContract, model_path: str | os.PathLike[str]) ->
     return write_json(path, record)
 
 
+def network_image_size(model_path: Optional[str | os.PathLike[str]], image_size: int) -> list[int]:
+    """``[H, W]`` to build a network whose layers depend on the slice size (GMRD) at: the ``image_size`` of the
+    contract saved beside ``model_path`` (the size it was trained at, e.g. ``--image_size 128``), else
+    ``[image_size, image_size]`` (no weights, or weights without a contract). Used by evaluation and inference
+    alike, so a network is built as it was trained whatever ``image_size`` the command gives."""
+    saved = load_contract(model_path, default=DataContract()).image_size if model_path else None
+    return [int(s) for s in saved] if saved is not None else [int(image_size), int(image_size)]
+
+
 def load_contract(model_path: str | os.PathLike[str], default: Optional[DataContract] = None) -> DataContract:
     """The contract saved beside ``model_path``; ``default`` when there is none (a model trained before
     contracts were saved), else an error naming the file."""
@@ -202,12 +211,11 @@ def contract_from_scans(image_files: Sequence[str | os.PathLike[str]], dataset: 
     spacings = np.asarray(spacings)
     if np.all(np.abs(spacings - spacings[0]) <= SPACING_TOL):
         spacing: Optional[tuple] = tuple(float(round(s, 6)) for s in spacings[0])
-    elif dataset is not None:
+    else:  # the benchmark's target spacing; own data (dataset none): each scan keeps its own
         from fsmis_monai.data.registry import get_dataset
 
-        spacing = tuple(float(s) for s in get_dataset(dataset).target_spacing)
-    else:
-        spacing = None
+        desc = get_dataset(dataset)
+        spacing = None if desc.own_data else tuple(float(s) for s in desc.target_spacing)
     stats: dict[str, float] = {}
     if normalization == "global":
         from fsmis_monai.data.datalist import ScanFiles

@@ -130,6 +130,8 @@ def build_datalist(folder: str | os.PathLike[str], dataset: str | None = None, p
         desc = get_dataset(dataset)
     except KeyError as e:
         raise FsmisInputError(str(e.args[0])) from e
+    if desc.own_data:  # no benchmark folds to write
+        return out
     ids = None
     if subset:
         ids = sorted(by_id)

@@ -138,7 +138,7 @@ def supervoxel_folder(src: str | os.PathLike[str], dst: str | os.PathLike[str], 
     from fsmis_monai.pseudolabels import SUPERVOXEL_BODY_THRESHOLD, make_supervoxels
 
     if min_size is None:
-        min_size = get_dataset(dataset).supervoxel_min_size if dataset else 5000
+        min_size = get_dataset(dataset).supervoxel_min_size  # no dataset: registry.OWN_DATA's default
     params = {"min_size": int(min_size), "scale": 1.0, "sigma": 0.0, "body_threshold": SUPERVOXEL_BODY_THRESHOLD,
               "renumber": bool(renumber), "faithful": bool(faithful), "dataset": dataset}
     compute = functools.partial(make_supervoxels, min_size=int(min_size), renumber=bool(renumber), faithful=bool(faithful))
@@ -165,7 +165,7 @@ def superpixel_folder(src: str | os.PathLike[str], dst: str | os.PathLike[str], 
     from fsmis_monai.data.registry import get_dataset
 
     if body_threshold is None:
-        body_threshold = get_dataset(dataset).superpixel_body_threshold if dataset else 1e-4
+        body_threshold = get_dataset(dataset).superpixel_body_threshold
     params = {"min_size": min_size, "sigma": sigma, "scale": 1.0, "body_threshold": body_threshold,
               "faithful": bool(faithful), "dataset": dataset}
     compute = functools.partial(_superpixels, min_size=min_size, sigma=sigma, body_threshold=body_threshold,

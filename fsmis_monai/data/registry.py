@@ -42,19 +42,27 @@ class DatasetDescriptor:
     def classes(self) -> tuple[int, ...]:
         return tuple(sorted(c for c in self.label_names if c != 0))
 
+    @property
+    def own_data(self) -> bool:
+        """A user's own scans and masks (:data:`OWN_DATA`): every non-zero label value is a class, named by value."""
+        return not self.raw_label_map
+
     def class_name(self, c: int) -> str:
-        return self.label_names[int(c)]
+        return self.label_names.get(int(c), str(int(c))) if self.own_data else self.label_names[int(c)]
 
     def class_id(self, name_or_id: str | int) -> int:
-        """Accept a class id or a (case-insensitive) name such as ``"LIVER"`` or ``"liver"``."""
+        """Accept a class id or a (case-insensitive) name such as ``"LIVER"`` or ``"liver"`` (own data: a label
+        value)."""
         if isinstance(name_or_id, int) or str(name_or_id).isdigit():
             c = int(name_or_id)
-            if c not in self.label_names:
+            if c not in self.label_names and not self.own_data:
                 raise KeyError(f"{self.key}: unknown class id {c}; known: {dict(self.label_names)}")
             return c
         for c, n in self.label_names.items():
             if n.lower() == str(name_or_id).lower():
                 return c
+        if self.own_data:
+            raise KeyError(f"unknown class {name_or_id!r}: with no dataset (none) a class is a label value, e.g. 255")
         raise KeyError(f"{self.key}: unknown class {name_or_id!r}; known: {dict(self.label_names)}")
 
     def pseudolabel_min_size(self, kind: str) -> int:
@@ -129,15 +137,35 @@ CMR_BSSFP = DatasetDescriptor(
     licence="research use (MS-CMRSeg terms)",
 )
 
+#: ``dataset_name none`` (or null): a user's own scans and masks (e.g. 0/255), no benchmark. Every non-zero label
+#: value is a class named by its value; there are no folds (training uses every scan; evaluation takes
+#: ``support_id``, default the lowest scan id, and ``query_ids``, default every other scan); pseudolabels use the
+#: ADNet/Q-Net release's supervoxel ``min_size`` 5000 and SSL-ALPNet's superpixel defaults.
+OWN_DATA = DatasetDescriptor(
+    key="none",
+    title="own data (no benchmark dataset)",
+    modality="MR",  # only picks the default normalisation of training_volumes: per-volume z-score
+    label_names={0: "background"},
+    raw_label_map={},
+    target_spacing=(0.0, 0.0, 0.0),  # unused: own scans keep their spacing unless they differ (then kept each)
+    supervoxel_min_size=5000,
+    superpixel_min_size=400,
+    superpixel_body_threshold=1e-4,
+    fold_test_size=0,
+)
+
 DATASETS: dict[str, DatasetDescriptor] = {d.key: d for d in (CHAOS_MR_T2, SYNAPSE_CT, CMR_BSSFP)}
 _ALIASES = {"chaos": "chaos_mr_t2", "chaost2": "chaos_mr_t2", "sabs": "synapse_ct", "synapse": "synapse_ct",
             "cmr": "cmr_bssfp", "ms_cmrseg": "cmr_bssfp"}
 
 
-def get_dataset(name: str | DatasetDescriptor) -> DatasetDescriptor:
-    """Look a descriptor up by key or alias (``chaos``, ``sabs``, ``cmr``...)."""
+def get_dataset(name: str | DatasetDescriptor | None) -> DatasetDescriptor:
+    """Look a descriptor up by key or alias (``chaos``, ``sabs``, ``cmr``...); ``None``, ``"none"`` or ``""``:
+    :data:`OWN_DATA`."""
     if isinstance(name, DatasetDescriptor):
         return name
+    if name is None or str(name).strip().lower() in ("none", ""):
+        return OWN_DATA
     key = _ALIASES.get(str(name).lower(), str(name).lower())
     if key not in DATASETS:
         raise KeyError(f"unknown dataset {name!r}; known: {sorted(DATASETS)} (aliases {sorted(_ALIASES)})")
@@ -186,6 +214,8 @@ def get_fold(
     ``ids`` defaults to the dataset's known ids; the order used is always ascending integer order.
     """
     desc = get_dataset(dataset)
+    if desc.own_data:
+        raise ValueError("own data (dataset none) has no benchmark folds; choose the scans (support_id, query_ids)")
     if not 0 <= int(fold) < NUM_FOLDS:
         raise ValueError(f"fold must be in 0..{NUM_FOLDS - 1}, got {fold}")
     pool = sorted(int(i) for i in (ids if ids is not None else desc.known_ids))

@@ -274,7 +274,8 @@ def training_volumes(
     contract: DataContract | None = None,
     contract_file: str | os.PathLike[str] | None = None,
 ) -> list[Volume]:
-    """The training scans of ``fold`` (all scans when ``fold`` is None), loaded and cached.
+    """The training scans of ``fold`` (all scans when ``fold`` is None or the data are a user's own, dataset
+    ``none``), loaded and cached.
 
     ``normalization`` defaults to ``"volume"`` for MR and ``"global"`` (statistics over these training
     scans) for CT, as ALP does; ADNet-style pipelines z-score per volume everywhere (pass ``"volume"``).
@@ -286,7 +287,7 @@ def training_volumes(
     desc = get_dataset(dataset)
     all_scans = pair_scans(dataset_dir, pseudolabel_dir=pseudolabel_dir, require_labels=require_labels)
     ids = [s.scan_id for s in all_scans]
-    if fold is not None:
+    if fold is not None and not desc.own_data:  # own data (dataset none) has no folds: every scan trains
         wanted = set(get_fold(desc, fold, family, ids=ids).train_ids)
         all_scans = [s for s in all_scans if s.scan_id in wanted]
     if not all_scans:

@@ -4,7 +4,13 @@ order, training handlers, periodic volumetric validation and bundle-facing helpe
 from fsmis_monai.engines.checkpoints import TrainingCheckpoints
 from fsmis_monai.engines.data import ensure_pseudolabels, pseudolabel_command
 from fsmis_monai.engines.fewshot import FewShotInferer, FewShotLoss, FewShotPrepareBatch, loss_terms, total_loss
-from fsmis_monai.engines.handlers import LearningRateLogger, LossProgressBar, prediction_overlay, query_overlays
+from fsmis_monai.engines.handlers import (
+    LearningRateLogger,
+    LossProgressBar,
+    prediction_overlay,
+    query_overlays,
+    summary_writer,
+)
 from fsmis_monai.engines.resume import (
     ContinueRun,
     ResumableEpisodeSampler,
@@ -34,6 +40,7 @@ __all__ = [
     "LossProgressBar",
     "prediction_overlay",
     "query_overlays",
+    "summary_writer",
     "ResumableEpisodeSampler",
     "ResumeEpisodes",
     "ContinueRun",

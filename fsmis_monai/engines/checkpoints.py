@@ -15,6 +15,7 @@ run is built) copied beside it, so ``models/`` never pairs new weights with anot
 from __future__ import annotations
 
 import logging
+import re
 import zipfile
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -54,6 +55,20 @@ def atomic_checkpoint(ckpt_dir: str | Path, objects: Mapping[str, Any], score_na
     return Checkpoint(dict(objects), saver, score_function=_iteration, score_name=score_name, n_saved=n_saved)
 
 
+def adopt_earlier(checkpoint: Checkpoint, ckpt_dir: str | Path, score_name: str) -> list[str]:
+    """Count the ``checkpoint_<score_name>=N.pt`` files already in ``ckpt_dir`` toward ``checkpoint``'s ``n_saved``.
+
+    ignite's ``Checkpoint`` keeps ``n_saved`` among the files it wrote itself: a resumed run would keep every
+    file of the runs before it. Loading their ``(iteration, file name)`` pairs as its state (ignite's own
+    ``load_state_dict``) makes it delete the oldest of them as it saves newer ones. Only for a resumed run,
+    whose new iterations are all later than the files found. Returns the file names adopted, oldest first.
+    """
+    pattern = re.compile(rf"checkpoint_{re.escape(score_name)}=(\d+)\.pt")
+    found = sorted((int(m.group(1)), p.name) for p in Path(ckpt_dir).iterdir() if (m := pattern.fullmatch(p.name)))
+    checkpoint.load_state_dict({"_saved": found})
+    return [name for _, name in found]
+
+
 class TrainingCheckpoints:
     """Resume + periodic save + final model export, attached as one handler.
 
@@ -62,7 +77,8 @@ class TrainingCheckpoints:
         objects: what to save/restore besides the trainer, e.g. ``{"network": ..., "optimizer": ...,
             "lr_scheduler": ...}``.
         save_interval: iterations between checkpoints (0: only the final one).
-        n_saved: how many periodic checkpoints to keep (None: all).
+        n_saved: how many periodic checkpoints to keep (None: all), counting those of the runs a resume continues
+            (the final checkpoint: the newest only).
         resume: start from the newest checkpoint in ``ckpt_dir`` when there is one.
         map_location: passed to ``CheckpointLoader``.
         final_path: where the trained network's state dict goes when the run has trained all its iterations
@@ -112,10 +128,14 @@ class TrainingCheckpoints:
         # N - 1, and a resume would apply every later milestone one iteration late. It is registered when the
         # run starts instead, after every handler of the trainer's config.
         self._final = atomic_checkpoint(self.ckpt_dir, state, "final_iteration", n_saved=1)
+        if self.resumed_from is not None:
+            adopt_earlier(self._final, self.ckpt_dir, "final_iteration")
         engine.add_event_handler(Events.COMPLETED, self._save_final)
         engine.add_event_handler(Events.EXCEPTION_RAISED, self._save_final_and_raise)
         if self.save_interval > 0:
             interval = atomic_checkpoint(self.ckpt_dir, state, "iteration", n_saved=self.n_saved)
+            if self.resumed_from is not None:
+                adopt_earlier(interval, self.ckpt_dir, "iteration")
             engine.add_event_handler(Events.STARTED, self._save_periodically, interval)
         if self.final_path is not None:
             engine.add_event_handler(Events.COMPLETED, self._export)

@@ -4,7 +4,9 @@ Self-supervised training needs one pseudolabel file ``superpix-<tag>_<id>.nii.gz
 ``pseudolabel_dir`` (3D supervoxels for ADNet and the Q-Net family, 2D superpixels for SSL-ALPNet).
 :func:`ensure_pseudolabels` returns the folder once every scan has its file. Missing files are generated
 with :mod:`fsmis_monai.data.pseudolabel_folder` and cached on disk (written atomically, so an interrupted run never
-leaves a truncated file), or, with ``generate=False``, reported with the command that makes them.
+leaves a truncated file), or, with ``generate=False``, reported with the command that makes them. Under
+``torch.distributed`` (``torchrun``) rank 0 alone checks and generates; the other ranks wait for it and
+share its outcome (:func:`on_rank_zero`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Literal, Optional
 
 from fsmis_monai.data.datalist import pair_scans, scan_id_of
 from fsmis_monai.data.registry import get_dataset
+from fsmis_monai.distributed import on_rank_zero
 from fsmis_monai.io import FsmisInputError
 
 logger = logging.getLogger(__name__)
@@ -36,16 +39,18 @@ def pseudolabel_command(dataset_dir: str | Path, pseudolabel_dir: str | Path, ki
                         dataset: str = "chaos", min_size: Optional[int] = None, workers: int = 1) -> list[str]:
     """The ``fsmis`` arguments that create the pseudolabels (the command line of what :func:`ensure_pseudolabels` runs)."""
     cli_dataset, size = _pseudolabel_settings(kind, dataset, min_size)
-    return [kind, "--src", str(dataset_dir), "--dst", str(pseudolabel_dir), "--dataset", cli_dataset,
-            "--workers", str(int(workers)), "--min-size", str(size)]
+    return [kind, "--src", str(dataset_dir), "--dst", str(pseudolabel_dir),
+            *(["--dataset", cli_dataset] if cli_dataset else []), "--workers", str(int(workers)),
+            "--min-size", str(size)]
 
 
-def _pseudolabel_settings(kind: str, dataset: str, min_size: Optional[int]) -> tuple[str, int]:
-    """``(dataset name of the command line, min_size)``; ``min_size`` None: the dataset's reference value."""
+def _pseudolabel_settings(kind: str, dataset: Optional[str], min_size: Optional[int]) -> tuple[Optional[str], int]:
+    """``(dataset name of the command line, min_size)``; ``min_size`` None: the dataset's reference value (own
+    data, dataset ``none``: no dataset name and :data:`~fsmis_monai.data.registry.OWN_DATA`'s stated default)."""
     if kind not in ("supervoxels", "superpixels"):
         raise ValueError(f"unknown pseudolabel kind {kind!r}; use 'supervoxels' or 'superpixels'")
     desc = get_dataset(dataset)
-    return _CLI_DATASET[desc.key], desc.pseudolabel_min_size(kind) if min_size is None else int(min_size)
+    return _CLI_DATASET.get(desc.key), desc.pseudolabel_min_size(kind) if min_size is None else int(min_size)
 
 
 def ensure_pseudolabels(
@@ -66,10 +71,18 @@ def ensure_pseudolabels(
     Nothing is written into ``dataset_dir`` (it may be read-only) unless ``pseudolabel_dir`` lies inside it.
     Returns ``pseudolabel_dir`` as a string (for bundle configs).
 
+    Under ``torchrun`` only rank 0 generates; the others wait for it (:func:`on_rank_zero`).
+
     Raises:
         FsmisInputError: pseudolabels are missing and ``generate`` is False, or a scan failed (the message
-            names its file and the summary file).
+            names its file and the summary file); on every rank.
     """
+    return on_rank_zero(lambda: _ensure_here(dataset_dir, pseudolabel_dir, kind, dataset, generate, min_size, workers))
+
+
+def _ensure_here(dataset_dir: str | Path, pseudolabel_dir: str | Path, kind: PseudolabelKind, dataset: str,
+                 generate: bool, min_size: Optional[int], workers: int) -> str:
+    """:func:`ensure_pseudolabels` in this process."""
     from fsmis_monai.data.pseudolabel_folder import superpixel_folder, supervoxel_folder
 
     out = Path(pseudolabel_dir)

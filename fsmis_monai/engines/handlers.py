@@ -5,7 +5,9 @@
 - :class:`LearningRateLogger`: the optimiser's learning rate as a TensorBoard scalar per iteration
   (MONAI's ``LrScheduleHandler`` only prints it);
 - :func:`query_overlays` / :func:`prediction_overlay`: RGB overlays (query image + ground truth, query image +
-  prediction) for MONAI's ``TensorBoardImageHandler``, built with :func:`monai.visualize.blend_images`.
+  prediction) for MONAI's ``TensorBoardImageHandler``, built with :func:`monai.visualize.blend_images`;
+- :func:`summary_writer`: the run's TensorBoard writer on rank 0 only (ignite's ``idist``), a stand-in that
+  writes nothing elsewhere.
 """
 
 from __future__ import annotations
@@ -19,6 +21,27 @@ from monai.utils import CommonKeys
 from monai.visualize import blend_images
 
 from fsmis_monai.engines.fewshot import QUERY_IMAGES, QUERY_LABELS, total_loss
+
+
+class NoSummaryWriter:
+    """Stands for a ``SummaryWriter`` where nothing is logged: every method accepts its arguments and does nothing.
+
+    MONAI's TensorBoard handlers create their own writer (and folder) when given ``None``, and a bundle config
+    resolves every handler of its lists, also those a rank other than 0 never attaches.
+    """
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return lambda *args, **kwargs: None
+
+
+def summary_writer(log_dir: str, **kwargs: Any) -> Any:
+    """A ``torch.utils.tensorboard.SummaryWriter`` of ``log_dir`` on rank 0 (or without ``torch.distributed``);
+    on other ranks a :class:`NoSummaryWriter`, so no empty ``tensorboard_rank<N>/`` folder is made (their
+    logging handlers are not attached: ``multi_gpu_train.json``)."""
+    import ignite.distributed as idist
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=log_dir, **kwargs) if idist.get_rank() == 0 else NoSummaryWriter()
 
 
 class LossProgressBar(ProgressBar):

@@ -73,6 +73,26 @@ def load_scan(files: ScanFiles, desc: DatasetDescriptor, normalization: Normaliz
     return Scan(files.scan_id, image, vol.label.transpose(1, 2, 0), vol.affine, Path(files.image))
 
 
+def present_classes(files: Sequence[ScanFiles]) -> tuple[int, ...]:
+    """The non-zero label values of ``files`` (the classes of a user's own masks), ascending.
+
+    Raises:
+        FsmisInputError: no label holds any non-zero value.
+    """
+    from fsmis_monai.io import load_nifti
+    from fsmis_monai.transforms.checks import label_values
+
+    found: set[int] = set()
+    for f in files:
+        if f.label is not None:
+            found.update(int(v) for v in label_values(load_nifti(f.label)[0])[0].tolist())
+    found.discard(0)
+    if not found:
+        raise FsmisInputError(f"{files[0].label if files else '(no scans)'}: the labels of the evaluated scans hold "
+                              "no class (every voxel is 0)")
+    return tuple(sorted(found))
+
+
 def to_channels(image: np.ndarray) -> torch.Tensor:
     """[X, Y, Z] -> [3, X, Y, Z]: single-channel slices repeated to 3 channels
     (docs/reference.md#intensity-normalisation)."""
@@ -207,14 +227,20 @@ class FewShotEvaluator:
 
     def _fold_setup(self, fold: int):
         available = [f.scan_id for f in pair_scans(self.dataset_dir, require_pseudolabels=False)]
-        spec = get_fold(self.desc, fold, self.family)
-        support = int(self.support_id) if self.support_id is not None else spec.support_id
-        queries = self.query_ids if self.query_ids is not None else spec.query_ids
+        if self.desc.own_data:  # no folds (registry.OWN_DATA): the lowest id supports the other scans by default
+            support = int(self.support_id) if self.support_id is not None else min(available, default=-1)
+            queries = self.query_ids if self.query_ids is not None else tuple(i for i in available if i != support)
+            spec = None
+        else:
+            spec = get_fold(self.desc, fold, self.family)
+            support = int(self.support_id) if self.support_id is not None else spec.support_id
+            queries = self.query_ids if self.query_ids is not None else spec.query_ids
         missing = [i for i in (support, *queries) if i not in available]
         if missing:
             raise FsmisInputError(f"{self.dataset_dir}: fold {fold} ({self.family}) needs scans {missing}, "
                                   f"which are not in the folder (found ids {available})")
-        train = [i for i in spec.train_ids if i in available]
+        train = [i for i in available if i == support or i in queries] if spec is None else [
+            i for i in spec.train_ids if i in available]
         return support, tuple(queries), train
 
     def _run_config(self, fold_runs: dict) -> dict:
@@ -247,18 +273,18 @@ class FewShotEvaluator:
         folds = [int(folds)] if isinstance(folds, (int, np.integer)) else [int(f) for f in folds]
         setups = {f: self._fold_setup(f) for f in folds}
         fold_runs = {str(f): {"support_id": s, "query_ids": list(q)} for f, (s, q, _) in setups.items()}
+        files = {f.scan_id: f for f in pair_scans(self.dataset_dir, require_pseudolabels=False)}
+        if not self.classes:  # own data (dataset none): the label values its scans hold
+            self.classes = present_classes([files[i] for s, q, _ in setups.values() for i in (s, *q)])
+        prepared = {f: self._support(f, setups[f], files) for f in folds}  # every class checked before any query
         if self.output_dir is not None:
             self._check_resume(self._run_config(fold_runs))
-        files = {f.scan_id: f for f in pair_scans(self.dataset_dir, require_pseudolabels=False)}
         cases: list[CaseResult] = []
         for f in folds:
             support_id, query_ids, train_ids = setups[f]
             fold_dir = None if self.output_dir is None else (
                 self.output_dir if len(folds) == 1 else self.output_dir / f"fold_{f}")
-            stats = None if self.global_stats is None else IntensityStats(*map(float, self.global_stats))
-            if self.normalization == "global" and stats is None and self.contract is None:
-                stats = intensity_stats([files[i] for i in train_ids])
-            support = load_scan(files[support_id], self.desc, self.normalization, stats, self.contract)
+            stats, support = prepared.pop(f)
             support_image = to_channels(support.image)
             self._states: dict[int, dict] = {}  # encoded support groups per class, kept for the fold
             fold_cases: list[CaseResult] = []
@@ -280,6 +306,28 @@ class FewShotEvaluator:
         if self.output_dir is not None:
             self._write_reports(self.output_dir, cases, f"{self.desc.title}, {self.family} folds", summary)
         return summary
+
+    def _support(self, fold: int, setup: tuple, files: dict[int, ScanFiles]) -> tuple[Optional[IntensityStats], Scan]:
+        """The fold's intensity statistics and prepared support scan, which must hold every evaluated class.
+
+        Raises:
+            FsmisInputError: the support scan holds no voxel of a class; names the scan (id, label file), the
+                class (id, name) and the two ways out (``support_id``, ``classes``).
+        """
+        support_id, _, train_ids = setup
+        stats = None if self.global_stats is None else IntensityStats(*map(float, self.global_stats))
+        if self.normalization == "global" and stats is None and self.contract is None:
+            stats = intensity_stats([files[i] for i in train_ids])
+        support = load_scan(files[support_id], self.desc, self.normalization, stats, self.contract)
+        absent = [c for c in self.classes if not (support.label == c).any()]
+        if absent:
+            held = [c for c in self.classes if c not in absent]
+            named = ", ".join(f"{c} ({self.desc.class_name(c)})" for c in absent)
+            raise FsmisInputError(
+                f"{files[support_id].label}: support scan {support_id} (fold {fold}) holds no voxel of class {named}; "
+                f"choose a support scan that holds it (support_id) or evaluate the classes it holds "
+                f"(classes: {held or 'none'})")
+        return stats, support
 
     def _write_reports(self, out: Path, cases: list[CaseResult], title: str, summary: Optional[dict] = None) -> None:
         if summary is None:

@@ -1,8 +1,9 @@
 """``multi_gpu_train.json`` under ``torchrun``: two CPU processes with gloo train ADNet for a few iterations on two
 real CHAOS scans (cropped to 64 x 64 x 10, small encoder). A test-only config appended to the config list
 records, per rank, the iterations run, the episodes drawn and the final weights, so the test can check that
-both ranks stepped, on distinct episodes, that DDP kept their weights equal, and that rank 0 alone wrote the
-checkpoints, whose network loads back into the method.
+both ranks stepped, on distinct episodes, that DDP kept their weights equal, and that rank 0 alone generated
+the missing supervoxels, wrote the checkpoints (whose network loads back into the method) and the TensorBoard
+logs.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from pathlib import Path
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from fsmis_monai.engines import ensure_pseudolabels
 from fsmis_monai.io import torch_load
 from fsmis_monai.networks.methods import build_method
 
@@ -41,7 +41,6 @@ PROBE = {
 
 def test_two_process_gloo_training(chaos_dir, tmp_path):
     data = liver_window(chaos_dir, tmp_path / "data", (1, 2), n_slices=10)
-    ensure_pseudolabels(data, tmp_path / "supervoxels", "supervoxels", "chaos", min_size=300)
     (tmp_path / "probe.json").write_text(json.dumps(PROBE))
     configs = REPO / "bundles" / "adnet" / "configs"
     out = tmp_path / "run"
@@ -50,7 +49,8 @@ def test_two_process_gloo_training(chaos_dir, tmp_path):
            "-m", "monai.bundle", "run", "--config_file", json.dumps(config_list),
            "--meta_file", str(configs / "metadata.json"), "--logging_file", str(configs / "logging.conf"),
            "--bundle_root", str(REPO / "bundles" / "adnet"), "--dataset_dir", str(data),
-           "--pseudolabel_dir", str(tmp_path / "supervoxels"), "--generate_pseudolabels", "False",
+           # the run makes the missing supervoxels: rank 0 alone, the other rank waits for them
+           "--pseudolabel_dir", str(tmp_path / "supervoxels"), "--pseudolabel_min_size", "300",
            "--fold", "$None", "--encoder", "small", "--image_size", "64", "--max_iterations", str(ITERATIONS),
            "--num_workers", "0", "--val_interval", "0", "--progress_bar", "False", "--log_interval", "1",
            "--image_interval", "1",
@@ -60,6 +60,10 @@ def test_two_process_gloo_training(chaos_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    output = proc.stdout + proc.stderr
+    assert output.count("generating supervoxels for 2 scan(s)") == 1, output[-4000:]
+    assert sorted(p.name for p in (tmp_path / "supervoxels").glob("*.nii.gz")) == [
+        "superpix-MIDDLE_1.nii.gz", "superpix-MIDDLE_2.nii.gz"]
 
     probes = [torch_load(out / "probe" / f"rank{r}.pt") for r in (0, 1)]
     assert [p["rank"] for p in probes] == [0, 1] and {p["world"] for p in probes} == {2}
@@ -74,9 +78,9 @@ def test_two_process_gloo_training(chaos_dir, tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
         "checkpoint_final_iteration=3.pt", "checkpoint_iteration=2.pt", "data_contract.json"]
     assert (out / "data_contract.json").is_file()  # the run's data contract travels beside model.pt
-    tags = {d: EventAccumulator(str(out / d)).Reload().Tags() for d in ("tensorboard", "tensorboard_rank1")}
-    assert {"loss", "lr"} <= set(tags["tensorboard"]["scalars"]) and tags["tensorboard"]["images"], tags  # rank 0
-    assert not tags["tensorboard_rank1"]["scalars"] and not tags["tensorboard_rank1"]["images"], tags  # logs alone
+    tags = EventAccumulator(str(out / "tensorboard")).Reload().Tags()
+    assert {"loss", "lr"} <= set(tags["scalars"]) and tags["images"], tags  # rank 0 logs alone
+    assert not list(out.glob("tensorboard_*")), sorted(p.name for p in out.iterdir())  # no empty folder per rank
     network.load_state_dict(torch_load(out / "model.pt"))
     for k, v in network.state_dict().items():
         torch.testing.assert_close(v, probes[0]["weights"][k], atol=0, rtol=0, msg=k)

@@ -64,3 +64,16 @@ def test_bad_fold_and_dataset_are_clear_errors():
         get_dataset("visceral")
     with pytest.raises(ValueError, match="unknown fold family"):
         get_fold("chaos", 0, "panet")
+
+
+def test_no_dataset_is_own_data_with_classes_named_by_value():
+    from fsmis_monai.data.registry import OWN_DATA
+
+    assert get_dataset(None) is get_dataset("none") is get_dataset(" None ") is get_dataset("") is OWN_DATA
+    assert OWN_DATA.class_id("255") == 255 and OWN_DATA.class_name(255) == "255"
+    assert OWN_DATA.pseudolabel_folder("supervoxels") == "none_supervoxels_5000"  # the stated default size
+    with pytest.raises(KeyError, match="a class is a label value"):
+        OWN_DATA.class_id("liver")
+    with pytest.raises(ValueError, match="no benchmark folds"):
+        get_fold(OWN_DATA, 0, "qnet")
+    assert not get_dataset("chaos").own_data

@@ -63,11 +63,17 @@ def runs(data):
     stopped = _train(data, data / "stopped", 6, stop_after=4)
     stopped_model_written = (data / "stopped" / "model.pt").exists()
     stopped_more = _train(data, data / "stopped", 8)
+    stopped_kept = _checkpoints(data / "stopped")
     finished = _train(data, data / "finished", 6)
     finished_model = torch_load(data / "finished" / "model.pt")
     finished_more = _train(data, data / "finished", 8)
     return dict(full=full, stopped=stopped, stopped_model_written=stopped_model_written, stopped_more=stopped_more,
-                finished=finished, finished_model=finished_model, finished_more=finished_more)
+                finished=finished, finished_model=finished_model, finished_more=finished_more,
+                kept={"stopped": stopped_kept, "finished": _checkpoints(data / "finished")})
+
+
+def _checkpoints(out: Path) -> list[str]:
+    return sorted(p.name for p in (out / "checkpoints").glob("checkpoint_*.pt"))
 
 
 def test_uninterrupted_schedule_is_the_configured_one(runs):
@@ -100,6 +106,14 @@ def test_a_finished_run_continues_to_the_larger_count(data, runs):
     assert not all(torch.equal(runs["finished_model"][k], v)
                    for k, v in torch_load(data / "full" / "model.pt").items())  # 6 iterations != 8
     assert _same_weights(data / "full" / "model.pt", data / "finished" / "model.pt")
+
+
+@pytest.mark.parametrize("run", ["stopped", "finished"])
+def test_n_saved_counts_the_checkpoints_of_earlier_runs(runs, run):
+    """train.json keeps n_saved=2 periodic checkpoints (every 2 iterations here) and the newest final one; a run
+    continued to 8 iterations keeps those of iterations 6 and 8, not also those the first run left (2, 4)."""
+    assert runs["kept"][run] == ["checkpoint_final_iteration=8.pt", "checkpoint_iteration=6.pt",
+                                 "checkpoint_iteration=8.pt"]
 
 
 def test_same_count_trains_nothing_and_smaller_count_is_refused(data, runs):
