@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from fsmis_monai.bundles import cpu_cli_args
 from fsmis_monai.engines import ensure_pseudolabels
 from fsmis_monai.io import torch_load
 from fsmis_monai.networks.methods import build_method
@@ -51,7 +52,7 @@ def test_two_process_gloo_training(chaos_dir, tmp_path):
            "--meta_file", str(configs / "metadata.json"), "--logging_file", str(configs / "logging.conf"),
            "--bundle_root", str(REPO / "bundles" / "adnet"), "--dataset_dir", str(data),
            "--pseudolabel_dir", str(tmp_path / "supervoxels"), "--generate_pseudolabels", "False",
-           "--fold", "$None", "--encoder", "small", "--image_size", "64", "--max_iterations", str(ITERATIONS),
+           "--fold", "$None", *cpu_cli_args(), "--image_size", "64", "--max_iterations", str(ITERATIONS),
            "--num_workers", "0", "--val_interval", "0", "--progress_bar", "False", "--log_interval", "1",
            "--image_interval", "1",
            # no find_unused_parameters: the bundle turns it on for the small encoder, whose heads for other

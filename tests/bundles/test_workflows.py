@@ -16,6 +16,7 @@ import torch
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
 
+from fsmis_monai.bundles import CPU_OVERRIDES
 from fsmis_monai.engines import ensure_pseudolabels
 from fsmis_monai.io import save_nifti, torch_load
 from _real_scans import liver_window
@@ -49,7 +50,7 @@ def _workflow(bundle: str, config: str | list[str], workflow_type: str | None, *
 
 def _train_overrides(bundle: str, tiny: Path, out: Path, **extra) -> dict:
     kind = "superpixels" if bundle == "ssl_alpnet" else "supervoxels"
-    return {"dataset_dir": str(tiny / "data"), "pseudolabel_dir": str(tiny / kind), "fold": None, "encoder": "small",
+    return {"dataset_dir": str(tiny / "data"), "pseudolabel_dir": str(tiny / kind), "fold": None, **CPU_OVERRIDES,
             "image_size": 64, "max_iterations": 2, "num_workers": 0, "val_interval": 0, "progress_bar": False,
             "output_dir": str(out), "ckpt_path": str(out / "model.pt"), "generate_pseudolabels": False,
             "log_interval": 1, "image_interval": 1, **extra}
