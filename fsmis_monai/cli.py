@@ -24,6 +24,7 @@ COMMANDS = (
     "superpixels",
     "evaluate",
     "quickstart",
+    "reproduce",
     "freeze",
     "import-checkpoint",
     "render-bundles",
