@@ -38,11 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import logging
-
     from fsmis_monai.reproduce import reproduce
 
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
     overrides = dict(args.overrides)
     if args.iterations is not None:
         overrides["max_iterations"] = args.iterations

@@ -70,7 +70,9 @@ def test_bundle_files_metadata_and_keys(bundle):
     assert NETWORK_KEYS | {"inferer", "dataset", "evaluator"} <= set(infer)
     assert not {"fold", "setting", "max_iterations", "train", "optimizer"} & set(infer)  # nothing of training
     evaluate = json.loads((root / "configs" / "evaluate.json").read_text())
-    lifecycle = {"output_dir", "initialize", "run", "finalize"}
+    # evaluation loads model.pt: no initial weights to download (pretrained_weights null over train.json's)
+    lifecycle = {"output_dir", "initialize", "run", "finalize", "pretrained_weights"}
+    assert evaluate["pretrained_weights"] is None
     assert "evaluate" in evaluate and not (set(evaluate) - lifecycle) & set(train)  # adds only evaluation keys
 
 
