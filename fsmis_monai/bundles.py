@@ -37,12 +37,13 @@ __all__ = ["CPU_OVERRIDES", "cpu_cli_args", "LAYERS", "ENTRY_KEYS", "methods", "
 #: The CPU switch: the one override set with which the quickstart, the tests and ``bench/*.py`` run a bundle's
 #: ``train.json`` on a CPU: the small encoder, random initialisation (so nothing is downloaded; the defaults
 #: are the paper's encoder and torchvision weights). Command line: ``--encoder small --pretrained_weights '$None'``.
-CPU_OVERRIDES: dict = {"encoder": "small", "pretrained_weights": None}
+#: Null is written ``"$None"`` (a config expression) because ``monai.bundle.load``'s ``net_override`` drops ``None``.
+CPU_OVERRIDES: dict = {"encoder": "small", "pretrained_weights": "$None"}
 
 
 def cpu_cli_args() -> list[str]:
-    """:data:`CPU_OVERRIDES` as ``python -m monai.bundle run`` arguments (``None`` written ``$None``)."""
-    return [a for k, v in CPU_OVERRIDES.items() for a in (f"--{k}", "$None" if v is None else str(v))]
+    """:data:`CPU_OVERRIDES` as ``python -m monai.bundle run`` arguments."""
+    return [a for k, v in CPU_OVERRIDES.items() for a in (f"--{k}", str(v))]
 
 SOURCE = "_source"
 #: shipped config -> its layers under ``_source`` (``{method}`` is substituted; a missing method layer is skipped)

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from fsmis_monai.bundles import cpu_cli_args
-from fsmis_monai.io import FsmisInputError, write_text
+from fsmis_monai.io import FsmisInputError, atomic_path, write_text
 from fsmis_monai.resources import shipped_dir
 
 PUBLISHED_FILE = Path(__file__).resolve().parent / "data" / "published_results.csv"
@@ -205,6 +205,8 @@ def learning_curves(folders: Sequence[Path], path: Path) -> Path:
     import matplotlib.pyplot as plt
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    from fsmis_monai.evaluation.report import _savefig
+
     fig, ax = plt.subplots(figsize=(7, 4))
     for folder in folders:
         events = EventAccumulator(str(folder / "training" / "tensorboard"))
@@ -216,10 +218,7 @@ def learning_curves(folders: Sequence[Path], path: Path) -> Path:
     ax.set_xlabel("iteration")
     ax.set_ylabel("training loss")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _savefig(fig, path)
 
 
 def reproduce(method: str, dataset_dir: str | Path, output: str | Path, dataset: str = "chaos", setting: int = 1,
@@ -297,11 +296,10 @@ def reproduce(method: str, dataset_dir: str | Path, output: str | Path, dataset:
     markdown, rows = results_table(method, dataset, setting, protocol, [nets[f] for f in sorted(nets)],
                                    [floors[f] for f in sorted(floors)])
     write_text(output / "results.md", markdown)
-    with open(output / "results.csv.tmp", "w", newline="") as f:
+    with atomic_path(output / "results.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(output / "results.csv.tmp", output / "results.csv")
     learning_curves([r.folder for r in runs], output / "learning_curves.png")
     print(markdown)
     return rows
