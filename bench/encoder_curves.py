@@ -54,12 +54,15 @@ def schedule(config: dict, iterations: int) -> dict:
 def workflow(config: dict, out: Path, args: argparse.Namespace, iterations: int):
     from monai.bundle import ConfigWorkflow
 
+    from fsmis_monai.bundles import CPU_OVERRIDES
+
     configs = REPO / "bundles" / "qnet" / "configs"
     return ConfigWorkflow(
         config_file=str(configs / "train.json"), meta_file=str(configs / "metadata.json"),
         logging_file=str(configs / "logging.conf"), workflow_type="train", bundle_root=str(REPO / "bundles" / "qnet"),
         dataset_dir=str(args.dataset_dir), pseudolabel_dir=str(args.pseudolabels), generate_pseudolabels=False,
-        fold=0, encoder=config["encoder"], image_size=config.get("image_size", 256), max_iterations=iterations, learning_rate=config["lr"],
+        fold=0, **{**CPU_OVERRIDES, "encoder": config["encoder"]}, image_size=config.get("image_size", 256),
+        max_iterations=iterations, learning_rate=config["lr"],
         num_workers=0, val_interval=0, seed=args.seed, device="$torch.device('cpu')", output_dir=str(out),
         ckpt_path=str(out / "model.pt"), save_interval=args.save_every, log_interval=200, image_interval=10**9,
         progress_bar=False, resume=True, **schedule(config, iterations),

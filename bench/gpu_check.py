@@ -59,6 +59,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
+from fsmis_monai.bundles import CPU_OVERRIDES  # noqa: E402
 from fsmis_monai.commands.quickstart import (  # noqa: E402  (the sample scans and their split)
     BUNDLES_DIR, QUERY_ID, SAMPLE_DIR, SUPPORT_ID, training_folder,
 )
@@ -216,6 +217,9 @@ def overrides_for(args: argparse.Namespace, bundle: str, work: Path, run_dir: Pa
     workers = options.get("workers", args.workers)
     if workers is not None:  # None: the bundle's own num_workers
         over["num_workers"] = workers
+    over["pretrained_weights"] = None  # random init: the device machine cannot download torchvision's weights
+    if args.tiny:
+        over.update(CPU_OVERRIDES)  # the one CPU switch (small encoder, random init)
     if args.encoder:
         over["encoder"] = args.encoder
     if args.pseudolabels is not None:  # the bundle names its folder in it (registry's pseudolabel_folder)
@@ -458,7 +462,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--option-iterations", type=int, default=60, help="iterations of each speed-option run")
     p.add_argument("--warmup", type=int, default=None, help="iterations left out of the timing (default 15, tiny 1)")
     p.add_argument("--size", type=int, default=None, help="slice size (default 256, tiny 64)")
-    p.add_argument("--encoder", default=None, help="override the bundles' paper encoder (tiny: small)")
+    p.add_argument("--encoder", default=None, help="override the bundles' paper encoder (tiny: the CPU switch's)")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: the bundle's, tiny 0)")
     p.add_argument("--amp", choices=("both", "off", "on"), default="both", help="AMP modes to train each bundle in")
     p.add_argument("--eval-slices", type=int, default=4)
@@ -476,7 +480,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args.iterations = args.iterations or (6 if tiny else 100)
     args.warmup = args.warmup if args.warmup is not None else (1 if tiny else 15)
     args.size = args.size or (64 if tiny else 256)
-    args.encoder = args.encoder or ("small" if tiny else None)
     if args.workers is None and tiny:
         args.workers = 0
     if args.pseudolabels is None and (REPO / ".devdata").is_dir():

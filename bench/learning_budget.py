@@ -20,6 +20,7 @@ import torch
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
 
+from fsmis_monai.bundles import CPU_OVERRIDES
 from fsmis_monai.engines import ensure_pseudolabels
 from fsmis_monai.evaluation import evaluate
 
@@ -34,7 +35,7 @@ def train_for(method: str, args: argparse.Namespace, pseudo: dict, out: Path):
     wf = ConfigWorkflow(
         config_file=str(configs / "train.json"), meta_file=str(configs / "metadata.json"),
         logging_file=str(configs / "logging.conf"), workflow_type="train", bundle_root=str(REPO / "bundles" / method),
-        dataset_dir=str(args.dataset_dir), pseudolabel_dir=pseudo[kind], fold=args.fold, encoder="small",
+        dataset_dir=str(args.dataset_dir), pseudolabel_dir=pseudo[kind], fold=args.fold, **CPU_OVERRIDES,
         image_size=args.image_size, max_iterations=100000, learning_rate=args.learning_rate,
         lr_milestones=[100000], num_workers=0, val_interval=0, seed=args.seed, device="$torch.device('cpu')",
         output_dir=str(out / method), ckpt_path=str(out / method / "model.pt"), save_interval=100000,

@@ -33,8 +33,19 @@ from monai.bundle.properties import InferProperties, TrainProperties
 from monai.bundle.reference_resolver import ReferenceResolver
 from monai.bundle.utils import ID_SEP_KEY
 
-__all__ = ["LAYERS", "ENTRY_KEYS", "methods", "render_config", "render_bundle", "render_all", "stale_files",
+__all__ = ["CPU_OVERRIDES", "cpu_cli_args", "LAYERS", "ENTRY_KEYS", "methods", "render_config", "render_bundle", "render_all", "stale_files",
            "unreferenced_keys", "references"]
+
+#: The CPU switch: the one override set with which the quickstart, the tests and ``bench/*.py`` run a bundle's
+#: ``train.json`` on a CPU: the small encoder, random initialisation (so nothing is downloaded; the defaults
+#: are the paper's encoder and torchvision weights). Command line: ``--encoder small --pretrained_weights '$None'``.
+#: Null is written ``"$None"`` (a config expression) because ``monai.bundle.load``'s ``net_override`` drops ``None``.
+CPU_OVERRIDES: dict = {"encoder": "small", "pretrained_weights": "$None"}
+
+
+def cpu_cli_args() -> list[str]:
+    """:data:`CPU_OVERRIDES` as ``python -m monai.bundle run`` arguments."""
+    return [a for k, v in CPU_OVERRIDES.items() for a in (f"--{k}", str(v))]
 
 SOURCE = "_source"
 #: shipped config -> its layers under ``_source`` (``{method}`` is substituted; a missing method layer is skipped)

@@ -25,6 +25,7 @@ COMMANDS = (
     "evaluate",
     "demo",
     "quickstart",
+    "reproduce",
     "freeze",
     "import-checkpoint",
     "render-bundles",

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fsmis_monai.bundles import CPU_OVERRIDES
+
 from conftest import REPO_ROOT as REPO  # noqa: F401 (the repository the run script reads bundles from)
 
 
@@ -21,8 +23,8 @@ def prepare_run_data(chaos_dir: Path, root: Path) -> Path:
 
 
 def train_overrides(data: Path, pseudo: Path, out: Path, **extra) -> dict:
-    """A tiny ADNet bundle run: small encoder, 64 x 64, a few iterations, no validation or images."""
-    return {"dataset_dir": str(data), "pseudolabel_dir": str(pseudo), "fold": None, "encoder": "small",
+    """A tiny ADNet bundle run: the CPU switch (small encoder, random init), 64 x 64, a few iterations, no validation or images."""
+    return {"dataset_dir": str(data), "pseudolabel_dir": str(pseudo), "fold": None, **CPU_OVERRIDES,
             "image_size": 64, "max_iterations": 6, "save_interval": 2, "num_workers": 0, "val_interval": 0,
             "progress_bar": False, "output_dir": str(out), "ckpt_path": str(out / "model.pt"),
             "generate_pseudolabels": False, "log_interval": 1000, "image_interval": 1000, "min_size": 20,

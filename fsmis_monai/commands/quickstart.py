@@ -65,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from monai.bundle import ConfigWorkflow
 
+    from fsmis_monai.bundles import CPU_OVERRIDES
     from fsmis_monai.engines import ensure_pseudolabels
     from fsmis_monai.evaluation import evaluate
     from fsmis_monai.io import FsmisInputError, write_text
@@ -86,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     workflow = ConfigWorkflow(
         config_file=str(configs / "train.json"), meta_file=str(configs / "metadata.json"),
         logging_file=str(configs / "logging.conf"), workflow_type="train", bundle_root=str(bundle),
-        dataset_dir=str(train_dir), pseudolabel_dir=pseudo, fold=None, encoder="small",
+        dataset_dir=str(train_dir), pseudolabel_dir=pseudo, fold=None, **CPU_OVERRIDES,
         image_size=args.image_size, max_iterations=args.iterations, learning_rate=args.learning_rate,
         lr_milestones=[args.iterations // 2], lr_gamma=0.1, num_workers=0, val_interval=0, seed=args.seed,
         device="$torch.device('cpu')", output_dir=str(out / "training"), ckpt_path=str(out / "model.pt"),

@@ -20,7 +20,7 @@ from fsmis_monai.engines.resume import (
     latest_checkpoint,
 )
 from fsmis_monai.engines.inference import FewShotVolumeInferer, load_support
-from fsmis_monai.engines.performance import amp_kwargs, set_cudnn
+from fsmis_monai.engines.performance import amp_kwargs, compile_encoder, set_cudnn
 from fsmis_monai.engines.validation import FewShotValidation
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "load_support",
     "amp_kwargs",
     "set_cudnn",
+    "compile_encoder",
     "FewShotInferer",
     "FewShotLoss",
     "FewShotPrepareBatch",

@@ -37,3 +37,19 @@ def set_cudnn(benchmark: bool = False, deterministic: bool | None = None) -> Non
     """
     torch.backends.cudnn.benchmark = bool(benchmark)
     torch.backends.cudnn.deterministic = (not benchmark) if deterministic is None else bool(deterministic)
+
+
+def compile_encoder(network: torch.nn.Module, enabled: bool = False, backend: str = "inductor") -> torch.nn.Module:
+    """``torch.compile`` the method's encoder in place when ``enabled``; returns ``network``.
+
+    Only the encoder: its input has one fixed shape per bundle ([batch, 3, image_size, image_size]), so it is
+    compiled once, while the method heads (prototype counts, masked pooling over episode-dependent masks) would
+    recompile or break the graph at every episode. ``nn.Module.compile`` keeps the parameter names, so
+    checkpoints of a compiled run load into an uncompiled network and back. The first steps pay the compilation
+    (minutes on a CPU, tens of seconds on a GPU); the losses are those of the uncompiled step to float tolerance
+    (``tests/engines/test_compile_switch.py``). ``backend``: a ``torch.compile`` backend (``"inductor"``, the
+    default, generates kernels; ``"aot_eager"`` only traces, the test's choice on 2 CPU cores).
+    """
+    if enabled:
+        network.encoder.compile(backend=backend, dynamic=False)
+    return network

@@ -18,7 +18,10 @@ import logging
 import os
 import re
 from dataclasses import dataclass, field
+from http.client import HTTPException
+from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Tuple
+from urllib.parse import urlparse
 
 import torch
 from monai.networks.blocks import Convolution, ResidualUnit
@@ -309,10 +312,26 @@ def _torchvision_state_dict(encoder: nn.Module, which: str) -> Mapping[str, torc
     }
     if (arch, which) not in table:
         raise FsmisInputError(
-            f"torchvision weights {which or '(default)'!r} are not available for a {type(encoder).__name__}; "
-            "use 'torchvision:imagenet' or 'torchvision:coco' with a ResNet layout, or a local checkpoint file"
+            f"pretrained_weights: torchvision weights {which or '(default)'!r} are not available for a "
+            f"{type(encoder).__name__}; use 'torchvision:imagenet' or 'torchvision:coco' with a ResNet layout, a "
+            "local checkpoint file, or '$None' (the CPU switch fsmis_monai.bundles.CPU_OVERRIDES sets it)"
         )
-    return table[(arch, which)].get_state_dict(progress=True)
+    weights = table[(arch, which)]
+    try:
+        return weights.get_state_dict(progress=True)
+    except (OSError, HTTPException) as e:  # URLError, socket timeouts and refused connections are OSErrors
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
+        raise FsmisInputError(_offline_message(f"torchvision:{which}", weights.url, cached, e)) from e
+
+
+def _offline_message(source: str, url: str, cached: "str | os.PathLike[str]", error: BaseException) -> str:
+    """The one line a run stops with when torchvision cannot download ``url`` (no network): names the
+    ``pretrained_weights`` setting, the file torchvision wanted and the two ways on."""
+    return (
+        f"pretrained_weights={source!r}: torchvision could not download {url} to {cached} ({error}); "
+        f"either set pretrained_weights to a local copy of that file (a path), or to '$None' for random "
+        "initialisation"
+    )
 
 
 def load_pretrained_weights(

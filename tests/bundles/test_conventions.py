@@ -33,6 +33,7 @@ from monai.bundle import ConfigParser, ConfigWorkflow, ckpt_export, onnx_export,
 from onnx.reference import ReferenceEvaluator
 
 from fsmis_monai.commands.freeze import freeze_bundle, method_definition
+from fsmis_monai.bundles import CPU_OVERRIDES
 from fsmis_monai.engines import ensure_pseudolabels
 from fsmis_monai.export import FrozenFewShotSegmenter
 from fsmis_monai.io import torch_load, torch_save
@@ -106,7 +107,7 @@ def test_check_properties_train_and_inference(bundle, tiny, tmp_path):
     kind = "superpixels" if bundle == "ssl_alpnet" else "supervoxels"
     overrides = {
         "train.json": {"dataset_dir": str(data), "pseudolabel_dir": str(tiny / kind), "generate_pseudolabels": False,
-                       "fold": None, "encoder": "small", "image_size": 64, "num_workers": 0,
+                       "fold": None, **CPU_OVERRIDES, "image_size": 64, "num_workers": 0,
                        "output_dir": str(tmp_path), "ckpt_path": str(tmp_path / "model.pt")},
         "inference.json": {"dataset_dir": str(data), "encoder": "small", "support_image": str(data / "image_1.nii.gz"),
                            "support_label": str(data / "label_1.nii.gz"), "image_size": 64},

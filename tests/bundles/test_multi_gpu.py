@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from fsmis_monai.bundles import cpu_cli_args
 from fsmis_monai.io import torch_load
 from fsmis_monai.networks.methods import build_method
 
@@ -51,7 +52,7 @@ def test_two_process_gloo_training(chaos_dir, tmp_path):
            "--bundle_root", str(REPO / "bundles" / "adnet"), "--dataset_dir", str(data),
            # the run makes the missing supervoxels: rank 0 alone, the other rank waits for them
            "--pseudolabel_dir", str(tmp_path / "supervoxels"), "--pseudolabel_min_size", "300",
-           "--fold", "$None", "--encoder", "small", "--image_size", "64", "--max_iterations", str(ITERATIONS),
+           "--fold", "$None", *cpu_cli_args(), "--image_size", "64", "--max_iterations", str(ITERATIONS),
            "--num_workers", "0", "--val_interval", "0", "--progress_bar", "False", "--log_interval", "1",
            "--image_interval", "1",
            # no find_unused_parameters: the bundle turns it on for the small encoder, whose heads for other

@@ -24,7 +24,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
-from fsmis_monai.bundles import LAYERS, SOURCE, methods, render_all, stale_files
+from fsmis_monai.bundles import CPU_OVERRIDES, LAYERS, SOURCE, methods, render_all, stale_files
 from fsmis_monai.cli import main as fsmis_main
 
 from _real_scans import liver_window
@@ -160,7 +160,7 @@ def test_training_generates_pseudolabels_at_the_dataset_size_outside_the_data(da
     configs = BUNDLES / "adnet" / "configs"
     wf = ConfigWorkflow(config_file=str(configs / "train.json"), meta_file=str(configs / "metadata.json"),
                         workflow_type="train", bundle_root=str(BUNDLES / "adnet"), dataset_dir=str(data),
-                        dataset_name=dataset, fold=None, encoder="small", image_size=64, max_iterations=2,
+                        dataset_name=dataset, fold=None, **CPU_OVERRIDES, image_size=64, max_iterations=2,
                         num_workers=0, val_interval=0, progress_bar=False, output_dir=str(out),
                         ckpt_path=str(out / "model.pt"), log_interval=1, image_interval=1)
     wf.initialize()

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from monai.bundle import download, load, load_bundle_config
 
+from fsmis_monai.bundles import CPU_OVERRIDES
 from fsmis_monai.commands.freeze import freeze_bundle
 from fsmis_monai.io import torch_save
 from fsmis_monai.networks.methods import build_method
@@ -47,7 +48,7 @@ def test_zipped_training_bundle_downloads_and_loads_with_weights(tmp_path):
     shutil.copytree(REPO / "bundles" / "adnet", bundle)
     torch_save(network.state_dict(), bundle / "models" / "model.pt")
     downloaded = _publish(bundle, "adnet", tmp_path / "pub")
-    loaded = load(name="adnet", bundle_dir=str(downloaded), workflow_type="train", net_override={"encoder": "small"},
+    loaded = load(name="adnet", bundle_dir=str(downloaded), workflow_type="train", net_override=CPU_OVERRIDES,
                   device="cpu")
     assert type(loaded) is type(network)
     expected = network.state_dict()

@@ -19,6 +19,7 @@ import torch
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
 
+from fsmis_monai.bundles import CPU_OVERRIDES
 from fsmis_monai.engines import ensure_pseudolabels
 from fsmis_monai.io import save_nifti, torch_load
 from _real_scans import liver_window
@@ -52,7 +53,7 @@ def _workflow(bundle: str, config: str | list[str], workflow_type: str | None, *
 
 def _train_overrides(bundle: str, tiny: Path, out: Path, **extra) -> dict:
     kind = "superpixels" if bundle == "ssl_alpnet" else "supervoxels"
-    return {"dataset_dir": str(tiny / "data"), "pseudolabel_dir": str(tiny / kind), "fold": None, "encoder": "small",
+    return {"dataset_dir": str(tiny / "data"), "pseudolabel_dir": str(tiny / kind), "fold": None, **CPU_OVERRIDES,
             "image_size": 64, "max_iterations": 2, "num_workers": 0, "val_interval": 0, "progress_bar": False,
             "output_dir": str(out), "ckpt_path": str(out / "model.pt"), "generate_pseudolabels": False,
             "log_interval": 1, "image_interval": 1, **extra}
@@ -72,7 +73,9 @@ def test_bundle_files_metadata_and_keys(bundle):
     assert NETWORK_KEYS | {"inferer", "dataset", "evaluator"} <= set(infer)
     assert not {"fold", "setting", "max_iterations", "train", "optimizer"} & set(infer)  # nothing of training
     evaluate = json.loads((root / "configs" / "evaluate.json").read_text())
-    lifecycle = {"output_dir", "initialize", "run", "finalize"}
+    # evaluation loads model.pt: no initial weights to download (pretrained_weights null over train.json's)
+    lifecycle = {"output_dir", "initialize", "run", "finalize", "pretrained_weights"}
+    assert evaluate["pretrained_weights"] is None
     assert "evaluate" in evaluate and not (set(evaluate) - lifecycle) & set(train)  # adds only evaluation keys
 
 

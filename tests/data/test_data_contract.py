@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from fsmis_monai.bundles import CPU_OVERRIDES
 from fsmis_monai.data.contract import DataContract, contract_from_scans, load_contract, save_contract
 from fsmis_monai.data.datalist import ScanFiles
 from fsmis_monai.data.registry import get_dataset
@@ -349,7 +350,7 @@ def test_evaluate_json_prepares_scans_by_the_saved_contract(tiny_scans, tmp_path
     configs = REPO / "bundles" / "adnet" / "configs"
     models = tmp_path / "models"
     common = {"bundle_root": str(REPO / "bundles" / "adnet"), "dataset_dir": str(tiny_scans), "fold": None,
-              "encoder": "small", "normalization": "global", "image_size": 64, "ckpt_path": str(models / "model.pt")}
+              **CPU_OVERRIDES, "normalization": "global", "image_size": 64, "ckpt_path": str(models / "model.pt")}
     train = ConfigParser()
     train.read_config(str(configs / "train.json"))
     train.update({**common, "output_dir": str(tmp_path / "run"), "contract_file": str(models / "data_contract.json"),

@@ -151,8 +151,10 @@ def _writes_outside_atomic_path(source: str, name: str) -> list[str]:
             continue
         func = node.func
         name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+        # append mode ("a") is let through: an append-only log loses nothing already written (fsmis reproduce's
+        # train.log of each fold, as TensorBoard's event files; docs/hardening.md#faults)
         is_open_for_write = name == "open" and any(
-            isinstance(a, ast.Constant) and isinstance(a.value, str) and set(a.value) & set("wax")
+            isinstance(a, ast.Constant) and isinstance(a.value, str) and set(a.value) & set("wx")
             for a in [*node.args[1:2], *[k.value for k in node.keywords if k.arg == "mode"]])
         if name in _WRITERS or is_open_for_write:
             text = ast.unparse(node)

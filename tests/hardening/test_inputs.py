@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from fsmis_monai.bundles import CPU_OVERRIDES
 from fsmis_monai.data.datalist import ScanFiles, pair_scans
 from fsmis_monai.data.episodes import GroundTruthEpisodeDataset, SupervoxelEpisodeDataset, setting_exclusions
 from fsmis_monai.data.volumes import load_volume, load_volumes, training_volumes
@@ -352,7 +353,7 @@ def _message(err: pytest.ExceptionInfo) -> str:
 def test_config_errors_are_clear(scans, tmp_path):
     pseudo = str(scans.parent / "pseudo")
     base = {"dataset_dir": str(scans), "pseudolabel_dir": pseudo, "generate_pseudolabels": False,
-            "fold": None, "encoder": "small", "image_size": SIZE}
+            "fold": None, **CPU_OVERRIDES, "image_size": SIZE}
     with pytest.raises(Exception) as err:
         _parse("network_def", **{**base, "method": "unet"})
     assert "unknown method 'unet'" in _message(err) and "adnet" in _message(err)

@@ -39,8 +39,8 @@ class ADNet(FewShotSegmenter):
     Args:
         encoder / pretrained_weights: as in every method. Note (docs/reference.md#quirk-adnet-from-scratch): the
             released training script builds the network *without* pretrained weights; the paper describes a
-            COCO-pretrained encoder. Reproduce the release with ``pretrained_weights=None`` (default), the paper with
-            the COCO file.
+            COCO-pretrained encoder. Here the constructor's default is ``None`` (the release); the bundle's
+            ``train.json`` defaults to the paper (``"torchvision:coco"``) and to ``None`` with ``faithful: true``.
         faithful: accepted for a uniform interface; no documented ADNet model quirk changes numbers.
         threshold_init: initial T, -10. scale: 20. class_weights: query NLL weights (bg, fg), (0.1, 1).
         align_weight: alignment loss weight, 1. threshold_loss_weight: weight of the T / 20 loss, 1.
