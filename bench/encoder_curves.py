@@ -14,7 +14,8 @@ Each configuration runs in its own process with one thread (``nice``), so ``--jo
 on two cores; CPU time is the process's own (``time.process_time``: data loading included, evaluation
 excluded). A killed run resumes from its last checkpoint (``--save-every`` iterations) with its CPU clock.
 The iteration count of a configuration is fixed on its first start from a 30-step probe of its step cost,
-so that its LR schedule spans the budget; it is kept in ``plan.json`` for resumes.
+so that its LR schedule spans the budget; it is kept in ``plan.json`` for resumes. A larger ``--cpu-minutes``
+later continues a configuration to the scaled iteration count (``--configs NAME --cpu-minutes 30``).
 """
 
 from __future__ import annotations
@@ -113,6 +114,12 @@ def run_config(name: str, args: argparse.Namespace) -> None:
         plan = {"step_cpu_s": step, "iterations": int(args.cpu_minutes * 60 / step), "cpu_minutes": args.cpu_minutes}
         plan_file.write_text(json.dumps(plan))
     plan = json.loads(plan_file.read_text())
+    if args.cpu_minutes > plan["cpu_minutes"]:
+        # continue a finished (or running) configuration to a larger budget: the bundle resumes from its last
+        # checkpoint with the LR schedule of the new count (milestones already passed count as passed)
+        plan = {**plan, "iterations": int(plan["iterations"] * args.cpu_minutes / plan["cpu_minutes"]),
+                "cpu_minutes": args.cpu_minutes, "extended_from": plan.get("extended_from", plan["iterations"])}
+        plan_file.write_text(json.dumps(plan))
     iterations = plan["iterations"]
     every = max(1, iterations // args.points)
     done = {json.loads(line)["iteration"] for line in curve_file.read_text().splitlines()} if curve_file.exists() else set()
