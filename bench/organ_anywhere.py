@@ -59,7 +59,8 @@ def measure(args: argparse.Namespace) -> tuple[dict, list[str]]:
     ev = FewShotEvaluator(model, args.dataset_dir, dataset=args.dataset, family=args.family,
                           protocols=("ep1", "whole"), contract=contract, device="cpu", progress=False)
     files = {f.scan_id: f for f in pair_scans(args.dataset_dir, require_pseudolabels=False)}
-    options = dict(margin=args.margin, min_confidence=args.min_confidence, area_factor=args.area_factor)
+    options = dict(margin=args.margin, min_confidence=args.min_confidence, area_factor=args.area_factor,
+                   relative_confidence=args.relative_confidence)
     variants = {"EP1 (oracle)": None, **{k: WholeScanSteps(v, **options) for k, v in VARIANTS.items()}}
     dice: dict = defaultdict(lambda: defaultdict(list))
     fps: dict = defaultdict(int)
@@ -73,8 +74,15 @@ def measure(args: argparse.Namespace) -> tuple[dict, list[str]]:
             plans = {c: {p: make_plan(p, query.label == c, support.label == c) for p in ("ep1", "whole")}
                      for c in ev.classes}
             requests = {(c, g): zs for c in ev.classes for g, zs in merge_requests(list(plans[c].values())).items()}
-            shared = predict_query(model, ev.inferer, to_channels(query.image), support_image, support.label,
-                                   requests, states=states)
+            cached = None if args.cache is None else args.cache / f"fold{fold}_query{qid}.pt"
+            if cached is not None and cached.is_file():  # the same weights' pass, kept to try other settings
+                shared = torch.load(cached, weights_only=False)
+            else:
+                shared = predict_query(model, ev.inferer, to_channels(query.image), support_image, support.label,
+                                       requests, states=states)
+                if cached is not None:
+                    cached.parent.mkdir(parents=True, exist_ok=True)
+                    torch.save(shared, cached)
             for c in ev.classes:
                 preds = {g: shared[(k, g)] for k, g in requests if k == c}
                 truth = query.label == c
@@ -114,12 +122,17 @@ def main() -> None:
     parser.add_argument("--margin", type=float, default=WholeScanSteps.margin)
     parser.add_argument("--min-confidence", type=float, default=WholeScanSteps.min_confidence)
     parser.add_argument("--area-factor", type=float, default=WholeScanSteps.area_factor)
+    parser.add_argument("--relative-confidence", type=float, default=WholeScanSteps.relative_confidence)
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="folder keeping each query's predictions (one checkpoint per folder): reruns with "
+                             "other step settings skip the network")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     results, names = measure(args)
     print(f"\n{args.method} ({args.encoder}) {args.ckpt}, {args.dataset} folds {args.folds} ({args.family}), "
-          f"margin {args.margin}, min_confidence {args.min_confidence}, area_factor {args.area_factor}\n")
+          f"margin {args.margin}, min_confidence {args.min_confidence}, relative_confidence "
+          f"{args.relative_confidence}, area_factor {args.area_factor}\n")
     print(table(results, names))
 
 

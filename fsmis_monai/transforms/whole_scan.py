@@ -10,8 +10,9 @@ protocol), use only the support scan and the query's intensities:
   slice in the support, relative to the body's extent along the slice axis, mapped onto the query's body
   extent, widened by ``margin`` (a fraction of that extent); slices outside are cleared.
 - ``presence`` (slice-level presence, after ADNet EP2's anomaly threshold, Hansen et al. MedIA 2022): a
-  slice's prediction is rejected when its mean foreground probability is below ``min_confidence`` or its
-  area, relative to the slice's body area, exceeds ``area_factor`` times the support's largest one.
+  slice's prediction is rejected when its mean foreground probability is below ``min_confidence`` or below
+  ``relative_confidence`` times the scan's most confident slice, or its area, relative to the slice's body
+  area, exceeds ``area_factor`` times the support's largest one.
 - ``consistency`` (own): 3D connected components; only the most confident component of each of the
   ``n_anchor`` most confident slices is kept (not the largest one, which is often a false positive,
   bench/RESULTS.md "keep the largest component").
@@ -118,11 +119,17 @@ def slice_confidence(prob: np.ndarray, pred: np.ndarray) -> np.ndarray:
 
 
 def slice_presence(prob: np.ndarray, pred: np.ndarray, prior: SupportPrior, body: np.ndarray,
-                   min_confidence: float = 0.8, area_factor: float = 2.0) -> np.ndarray:
-    """``presence`` step: bool ``[D]``, the slices whose prediction is kept (weak or implausibly large ones
-    rejected; see the module docstring)."""
+                   min_confidence: float = 0.6, relative_confidence: float = 0.9,
+                   area_factor: float = 2.0) -> np.ndarray:
+    """``presence`` step: bool ``[D]``, the slices whose prediction is kept: mean foreground probability at
+    least ``min_confidence`` and at least ``relative_confidence`` times the scan's most confident slice (the
+    method's own best evidence in this scan, so a model of any calibration is judged by its own scale), and
+    area (relative to the slice's body area) at most ``area_factor`` times the support's largest."""
     area = pred.sum(axis=(0, 1)) / np.maximum(body.sum(axis=(0, 1)), 1)
-    return (slice_confidence(prob, pred) >= min_confidence) & (area <= area_factor * prior.max_area)
+    conf = slice_confidence(prob, pred)
+    plausible = area <= area_factor * prior.max_area
+    best = conf[plausible].max() if plausible.any() else 0.0
+    return (conf >= max(min_confidence, relative_confidence * best)) & plausible
 
 
 def confident_components(prob: np.ndarray, pred: np.ndarray, n_anchor: int = 3) -> np.ndarray:
@@ -154,14 +161,16 @@ class WholeScanSteps:
     Args:
         steps: names from :data:`STEPS` (any order; applied as range, presence, consistency).
         margin: ``range`` widening, a fraction of the query's body extent.
-        min_confidence, area_factor: ``presence`` thresholds (mean foreground probability of a slice's
-            prediction; predicted area over the support's largest, both relative to the body area).
+        min_confidence, relative_confidence, area_factor: ``presence`` thresholds (mean foreground
+            probability of a slice's prediction, absolute and relative to the scan's most confident slice;
+            predicted area over the support's largest, both relative to the body area).
         n_anchor: ``consistency`` anchor slices.
     """
 
     steps: tuple[str, ...] = DEFAULT_STEPS
     margin: float = 0.2
-    min_confidence: float = 0.8
+    min_confidence: float = 0.6
+    relative_confidence: float = 0.9
     area_factor: float = 2.0
     n_anchor: int = 3
 
@@ -182,7 +191,8 @@ class WholeScanSteps:
         if "range" in self.steps:
             pred &= slice_range(prior, body, self.margin)[None, None, :]
         if "presence" in self.steps:
-            pred &= slice_presence(prob, pred, prior, body, self.min_confidence, self.area_factor)[None, None, :]
+            pred &= slice_presence(prob, pred, prior, body, self.min_confidence, self.relative_confidence,
+                                   self.area_factor)[None, None, :]
         if "consistency" in self.steps and pred.any():
             pred = confident_components(prob, pred, self.n_anchor)
         return pred

@@ -124,3 +124,11 @@ def test_unknown_step_names_are_refused():
     assert check_steps(["consistency", "RANGE"]) == ("range", "consistency")
     with pytest.raises(ValueError, match="unknown whole-scan step"):
         check_steps(["largest"])
+
+
+def test_blank_query_maps_the_range_onto_the_whole_stack():
+    blank = np.zeros((16, 16, 10), np.float32)
+    body = body_mask(blank)
+    assert not body.any()
+    inside = slice_range(SupportPrior(0.5, 0.6, 0.1), body, margin=0.0)
+    np.testing.assert_array_equal(np.flatnonzero(inside), [5])  # 0.5 * 9 = 4.5 .. 0.6 * 9 = 5.4 of slices 0..9
