@@ -4,7 +4,7 @@ answer, and their equality across evaluation and inference:
 - ``range``: support scan 3 (fold 0's support) and query scan 2, every class: the support-guided range covers
   every labelled slice of the query (margin 0.2) and, for the short organs, leaves slices out;
 - ``presence``: no trained model is available in the tests, so the evidence is a SYNTHETIC DETERMINISTIC
-  method, stated here: foreground probability 0.95 on the query's liver and 0.6 on a false-positive patch of
+  method, stated here: foreground probability 0.95 on the query's liver and 0.55 on a false-positive patch of
   the same size in every slice (weak evidence). With the liver erased from the query only the weak patch is
   left and the step rejects every slice; with the liver, exactly the liver is kept;
 - ``consistency``: the liver plus a larger, less confident false-positive blob: the step keeps the liver,
@@ -25,7 +25,7 @@ from fsmis_monai.data.datalist import pair_scans
 from fsmis_monai.data.registry import get_dataset
 from fsmis_monai.evaluation.evaluator import assemble, load_scan
 from fsmis_monai.evaluation.protocols import make_plan
-from fsmis_monai.transforms.whole_scan import (DEFAULT_STEPS, SupportPrior, WholeScanSteps, WholeScanStepsd,
+from fsmis_monai.transforms.whole_scan import (DEFAULT_STEPS, STEPS, SupportPrior, WholeScanSteps, WholeScanStepsd,
                                                body_mask, check_steps, slice_range)
 
 LIVER = 1
@@ -40,9 +40,9 @@ def scans(chaos_dir):
 
 
 def _synthetic_evidence(label: np.ndarray) -> np.ndarray:
-    """The synthetic method: 0.95 on the liver, 0.6 on a 20 x 20 patch in a corner of every slice, 0.05 elsewhere."""
+    """The synthetic method: 0.95 on the liver, 0.55 on a 20 x 20 patch in a corner of every slice, 0.05 elsewhere."""
     prob = np.full(label.shape, 0.05, np.float32)
-    prob[:20, :20, :] = 0.6
+    prob[:20, :20, :] = 0.55
     prob[label == LIVER] = 0.95
     return prob
 
@@ -94,7 +94,8 @@ def test_consistency_keeps_the_confident_component_not_the_largest(scans):
     np.testing.assert_array_equal(kept, liver)
 
 
-def test_evaluation_and_inference_apply_the_same_steps(scans):
+@pytest.mark.parametrize("chosen", [STEPS, DEFAULT_STEPS], ids=["all", "default"])
+def test_evaluation_and_inference_apply_the_same_steps(scans, chosen):
     support, query = scans
     c = 4  # spleen
     rng = np.random.default_rng(0)
@@ -103,11 +104,11 @@ def test_evaluation_and_inference_apply_the_same_steps(scans):
     plan = make_plan("whole", query.label == c, support.label == c)
     predictions = {g: {int(z): margins[..., z] for z in range(margins.shape[-1])} for g in plan.support_groups}
     prior = SupportPrior.from_volume(support.image, support.label == c)
-    steps = WholeScanSteps(DEFAULT_STEPS)
+    steps = WholeScanSteps(chosen)
     evaluated = assemble(plan, predictions, margins.shape, query.image, prior, steps).astype(bool)
 
     logits = torch.stack([torch.zeros(margins.shape), torch.as_tensor(margins)])  # [2, H, W, D]: fg - bg = margin
-    out = WholeScanStepsd("pred", prior=prior.to_dict(), steps=DEFAULT_STEPS)(
+    out = WholeScanStepsd("pred", prior=prior.to_dict(), steps=chosen)(
         {"pred": logits, "image": torch.as_tensor(query.image)[None]})
     inferred = out["pred"].argmax(0).numpy().astype(bool)
     np.testing.assert_array_equal(evaluated, inferred)
