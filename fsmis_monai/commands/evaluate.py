@@ -55,10 +55,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--support-id", type=int, default=None, help="override the fold's support scan")
     parser.add_argument("--normalization", default="volume", choices=("volume", "global", "slice_minmax", "none"))
     parser.add_argument("--faithful", action="store_true", help="reproduce the reference protocol bugs")
+    parser.add_argument("--whole-scan-steps", default=None,
+                        help="oracle-free steps of the whole protocol, comma-separated subset of range,presence,"
+                             "consistency; 'none' for every slice's argmax (default: "
+                             "fsmis_monai.transforms.whole_scan.DEFAULT_STEPS)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--sw-batch-size", type=int, default=8)
     parser.add_argument("--no-resume", action="store_true", help="start over even if OUT holds finished cases")
     parser.add_argument("--no-progress", action="store_true")
+
+
+def _whole_scan_option(text: str | None) -> dict:
+    """``--whole-scan-steps`` -> evaluator keyword (absent: the library default)."""
+    if text is None:
+        return {}
+    return {"whole_scan_steps": [] if text.strip().lower() == "none" else [s for s in text.split(",") if s.strip()]}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         classes=classes,
         query_ids=_ints(args.query_ids) if args.query_ids else None, support_id=args.support_id,
         normalization=args.normalization, faithful=args.faithful, resume=not args.no_resume,
-        progress=not args.no_progress,
+        progress=not args.no_progress, **_whole_scan_option(args.whole_scan_steps),
     )
     print(summary_markdown(summary))
     return 0

@@ -8,7 +8,9 @@ without their position, so the protocols' slice-position-to-support assignment d
 bundle holds :class:`fsmis_monai.export.FrozenFewShotSegmenter` (``image -> pred``), which MONAI's
 ``verify_net_in_out``, ``ckpt_export`` and ``onnx_export`` accept (``--use_trace True``), and an
 ``inference.json`` that segments query volumes slice by slice with MONAI's ``SliceInferer`` and writes NIfTI
-predictions on the query's grid.
+predictions on the query's grid. The support's prior (organ position and size,
+:class:`fsmis_monai.transforms.whole_scan.SupportPrior`) is stored in that config as plain numbers, so the
+frozen bundle applies the same oracle-free whole-scan steps (``whole_scan_steps``) as the source bundle.
 """
 
 from __future__ import annotations
@@ -104,7 +106,9 @@ def _metadata(source: dict, method: str, support_class: Any, protocol: str, pick
     return meta
 
 
-def _inference_config(method_def: dict, spec: dict, refine: bool, size: list[int]) -> dict:
+def _inference_config(method_def: dict, spec: dict, refine: bool, size: list[int], prior: dict) -> dict:
+    from fsmis_monai.transforms.whole_scan import DEFAULT_STEPS
+
     return {
         "imports": ["$import numpy", "$import torch", "$import fsmis_monai", "$import fsmis_monai.bundle_errors",
                     "$import fsmis_monai.export",
@@ -119,6 +123,8 @@ def _inference_config(method_def: dict, spec: dict, refine: bool, size: list[int
         "sw_batch_size": 8,
         "write_overlays": True,
         "keep_largest_component": False,
+        "whole_scan_steps": list(DEFAULT_STEPS),
+        "support_prior": prior,
         "method_def": method_def,
         "network_def": {"_target_": "fsmis_monai.export.FrozenFewShotSegmenter", "method": "@method_def",
                         "support_spec": spec, "refine": refine},
@@ -133,7 +139,7 @@ def _inference_config(method_def: dict, spec: dict, refine: bool, size: list[int
                     "sw_batch_size": "@sw_batch_size", "overlap": 0.0, "progress": False},
         "postprocessing": "$fsmis_monai.engines.inference.prediction_postprocessing(@preprocessing, @output_dir, "
                           "keep_largest=@keep_largest_component, write_overlays=@write_overlays, "
-                          "data_root_dir=@dataset_dir)",
+                          "data_root_dir=@dataset_dir, whole_scan_steps=@whole_scan_steps, support_prior=@support_prior)",
         "handlers": [
             {"_target_": "CheckpointLoader", "load_path": "@ckpt_path", "load_dict": {"model": "@network"},
              "map_location": "@device"},
@@ -189,7 +195,7 @@ def freeze_bundle(bundle: Path, support_image: Path, support_label: Path, suppor
     from monai.bundle import ConfigParser
 
     from fsmis_monai.data.contract import save_contract
-    from fsmis_monai.engines.inference import model_contract, support_slices
+    from fsmis_monai.engines.inference import load_support_prior, model_contract, support_slices
     from fsmis_monai.export import FrozenFewShotSegmenter
     from fsmis_monai.io import FsmisInputError, read_json, torch_save, write_json, write_text
     from fsmis_monai.networks.layout import load_weights
@@ -217,7 +223,8 @@ def freeze_bundle(bundle: Path, support_image: Path, support_label: Path, suppor
 
     meta = _metadata(read_json(bundle / "configs" / "metadata.json"), bundle.name, support_class, protocol, picks,
                      size, Path(support_image))
-    config = _inference_config(method_def, frozen.support_spec, refine, size)
+    prior = load_support_prior(support_image, support_label, support_class, contract)
+    config = _inference_config(method_def, frozen.support_spec, refine, size, prior)
     refine_text = ("kept (eager only; exports need --no-refinement)" if not frozen.exportable
                    else "none" if refine else "dropped (--no-refinement)")
     staging = output.with_name(output.name + ".partial")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -38,22 +38,19 @@ from fsmis_monai.data.contract import DataContract, build_pipeline, load_contrac
 from fsmis_monai.io import FsmisInputError, atomic_path
 
 
-def support_slices(
+def prepared_support(
     image: str | Path,
     label: str | Path,
     support_class: int | str,
-    n_support_slices: int = 1,
     contract: Optional[DataContract] = None,
-) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """Support images ``[K, 3, H, W]``, masks ``[K, H, W]`` and the picked slice indices (in the contract's
-    grid), from an annotated scan prepared by the data contract's pipeline (labels nearest, as training).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The annotated support scan prepared by the data contract's pipeline (labels nearest, as training):
+    intensities ``[H, W, D]`` and the class's binary mask ``[H, W, D]`` on the model's grid.
 
     ``support_class``: a class name of the contract's dataset or a raw label value as stored in ``label``
     (e.g. 200 for the released MS-CMRSeg myocardium); without a dataset (``contract.label_map`` None) any raw
     value of the user's own masks (e.g. 255). Errors name the file, the values found and the classes known.
     """
-    from fsmis_monai.evaluation.protocols import class_slices, fraction_picks
-
     contract = contract if contract is not None else DataContract()
     d = loader(["image", "label"])({"image": str(image), "label": str(label)})
     if d["image"].ndim != 4 or d["label"].shape[1:] != d["image"].shape[1:]:
@@ -65,18 +62,47 @@ def support_slices(
     own = contract.label_map is None
     out = build_pipeline(contract, "image", None if own else "label", ["label"] if own else [], load=False)(d)
     mask = out["label"][0].as_tensor() == value
-    zs = class_slices(mask.numpy())
-    if zs.size == 0:  # the class vanished on the contract's grid (a sliver removed by resampling)
+    if not mask.any():  # the class vanished on the contract's grid (a sliver removed by resampling)
         raise FsmisInputError(f"{label}: class {support_class!r} covers no voxel after resampling to the model's "
                               f"grid (values found: {[int(v) for v in values]})")
+    return out["image"][0].as_tensor(), mask
+
+
+def support_slices(
+    image: str | Path,
+    label: str | Path,
+    support_class: int | str,
+    n_support_slices: int = 1,
+    contract: Optional[DataContract] = None,
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Support images ``[K, 3, H, W]``, masks ``[K, H, W]`` and the picked slice indices (in the contract's
+    grid), from an annotated scan prepared by :func:`prepared_support`."""
+    from fsmis_monai.evaluation.protocols import class_slices, fraction_picks
+
+    volume, mask = prepared_support(image, label, support_class, contract)
+    zs = class_slices(mask.numpy())
     if int(n_support_slices) > len(zs):
         warnings.warn(f"{label}: {n_support_slices} support slices asked, class {support_class} is on {len(zs)} "
                       f"slices; using those {len(zs)}")
     picks = sorted({int(zs[i]) for i in fraction_picks(len(zs), min(int(n_support_slices), len(zs)))})
-    volume = out["image"][0].as_tensor()
     images = torch.stack([volume[..., z] for z in picks])[:, None].repeat(1, 3, 1, 1)
     masks = torch.stack([mask[..., z].float() for z in picks])
     return images.float(), masks, picks
+
+
+def load_support_prior(
+    image: str | Path,
+    label: str | Path,
+    support_class: int | str,
+    contract: Optional[DataContract] = None,
+) -> dict[str, float]:
+    """The support's :class:`~fsmis_monai.transforms.whole_scan.SupportPrior` (organ position relative to the
+    body's extent, largest relative area) as a plain dict, for the whole-scan steps of ``inference.json`` and
+    the config of a frozen bundle."""
+    from fsmis_monai.transforms.whole_scan import SupportPrior
+
+    volume, mask = prepared_support(image, label, support_class, contract)
+    return SupportPrior.from_volume(volume.numpy(), mask.numpy(), str(label)).to_dict()
 
 
 def load_support(
@@ -133,17 +159,21 @@ def prediction_layout(output_dir: str | Path, data_root_dir: str | Path = "", po
 
 def prediction_postprocessing(preprocessing: Compose, output_dir: str | Path, output_postfix: str = OUTPUT_POSTFIX,
                               keep_largest: bool = False, write_overlays: bool = True,
-                              data_root_dir: str | Path = "") -> Compose:
-    """``pred`` logits ``[2, H, W, D]`` on the network's grid -> argmax -> ``Invertd`` back to the query file's
-    own geometry (shape and affine of the input, nearest) -> optionally ``KeepLargestConnectedComponentd`` ->
-    NIfTI written atomically (``<name>_<postfix>.nii.gz``, header marked :data:`PREDICTION_MARK`) -> overlay
-    PNG (the image inverted too). ``data_root_dir`` (the query folder): sub-folders of the queries are kept
-    under ``output_dir`` (:func:`prediction_layout`), so ``p2/image.nii.gz`` and ``p3/image.nii.gz`` get a
-    prediction each."""
+                              data_root_dir: str | Path = "", whole_scan_steps: Optional[Sequence[str]] = (),
+                              support_prior: Optional[Mapping[str, float]] = None) -> Compose:
+    """``pred`` logits ``[2, H, W, D]`` on the network's grid -> the oracle-free ``whole_scan_steps`` with the
+    support's prior (:class:`fsmis_monai.transforms.whole_scan.WholeScanStepsd`; ``[]``: none) -> argmax ->
+    ``Invertd`` back to the query file's own geometry (shape and affine of the input, nearest) -> optionally
+    ``KeepLargestConnectedComponentd`` -> NIfTI written atomically (``<name>_<postfix>.nii.gz``, header marked
+    :data:`PREDICTION_MARK`) -> overlay PNG (the image inverted too). ``data_root_dir`` (the query folder):
+    sub-folders of the queries are kept under ``output_dir`` (:func:`prediction_layout`), so
+    ``p2/image.nii.gz`` and ``p3/image.nii.gz`` get a prediction each."""
     from fsmis_monai.transforms.overlays import SaveOverlayd
+    from fsmis_monai.transforms.whole_scan import WholeScanStepsd
 
     keys = ["pred", "image"] if write_overlays else ["pred"]
     xforms: list = [
+        WholeScanStepsd("pred", prior=support_prior, steps=whole_scan_steps),
         AsDiscreted("pred", argmax=True),
         Invertd(keys, transform=preprocessing, orig_keys=["image"] * len(keys), nearest_interp=[True, False][:len(keys)],
                 to_tensor=True),

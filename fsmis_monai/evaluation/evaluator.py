@@ -21,6 +21,7 @@ from typing import Any, Literal, Optional, Sequence
 
 import numpy as np
 import torch
+from scipy.special import expit
 from tqdm.auto import tqdm
 
 from fsmis_monai.data.datalist import ScanFiles, pair_scans
@@ -32,6 +33,7 @@ from fsmis_monai.evaluation.metrics import CaseResult, case_status, confusion_co
 from fsmis_monai.evaluation.protocols import ProtocolPlan, SupportGroup, check_protocols, make_plan, merge_requests
 from fsmis_monai.evaluation.report import box_plot, overlay_png, write_per_case_csv, write_summary
 from fsmis_monai.io import FsmisInputError, read_json, save_nifti, write_json
+from fsmis_monai.transforms.whole_scan import DEFAULT_STEPS, SupportPrior, WholeScanSteps
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +129,8 @@ def predict_query(
     on_batch=None,
     states: Optional[dict[int, dict[SupportGroup, Any]]] = None,
 ) -> dict[ClassGroup, dict[int, np.ndarray]]:
-    """The shared pass of one query scan: binary predictions {(class, support group): {z: [X, Y] bool}}.
+    """The shared pass of one query scan: foreground logit margins {(class, support group): {z: [X, Y]
+    float32}}, ``logit_fg - logit_bg`` (> 0: the argmax's foreground; its sigmoid: the foreground probability).
 
     Each requested query slice is encoded once, whatever the classes, support groups and protocols asking
     for it (:meth:`.inferer.FewShotSliceInferer.segment_shared`), and segmented against the support state of
@@ -145,19 +148,36 @@ def predict_query(
             cache[group] = inferer.encode(model, *_support_tensors(support_image, support_labels == c, group))
         return cache[group]
 
-    def labels(logits: torch.Tensor) -> torch.Tensor:
-        return logits[:, 1] > logits[:, 0]  # argmax over (bg, fg); a tie goes to background like argmax
+    def margins(logits: torch.Tensor) -> torch.Tensor:
+        return (logits[:, 1] - logits[:, 0]).float()  # > 0 as argmax over (bg, fg); a tie goes to background
 
-    out = inferer.segment_shared(model, query_image, requests, state_of, postprocess=labels, on_batch=on_batch)
+    out = inferer.segment_shared(model, query_image, requests, state_of, postprocess=margins, on_batch=on_batch)
     return {key: {z: out[key][i].numpy() for i, z in enumerate(zs)} for key, zs in requests.items()}
 
 
-def assemble(plan: ProtocolPlan, predictions: dict[SupportGroup, dict[int, np.ndarray]], shape: tuple[int, ...]) -> np.ndarray:
-    """The protocol's binary prediction volume: its slices from the shared pass, 0 where it predicts nothing."""
-    vol = np.zeros(shape, np.uint8)
+def assemble_margins(plan: ProtocolPlan, predictions: dict[SupportGroup, dict[int, np.ndarray]],
+                     shape: tuple[int, ...]) -> np.ndarray:
+    """The protocol's logit-margin volume (float32): its slices from the shared pass, ``-inf`` where it
+    predicts nothing."""
+    vol = np.full(shape, -np.inf, np.float32)
     for z in np.flatnonzero(plan.predicted):
         vol[..., z] = predictions[plan.support_groups[plan.assignment[z]]][int(z)]
     return vol
+
+
+def assemble(plan: ProtocolPlan, predictions: dict[SupportGroup, dict[int, np.ndarray]], shape: tuple[int, ...],
+             query_image: Optional[np.ndarray] = None, prior: Optional[SupportPrior] = None,
+             steps: Optional[WholeScanSteps] = None) -> np.ndarray:
+    """The protocol's binary prediction volume (uint8): its slices from the shared pass (margin > 0, the
+    argmax), 0 where it predicts nothing. For the ``whole`` protocol, ``steps`` (with the query's
+    intensities ``query_image`` and the support's ``prior``) replace the argmax
+    (:mod:`fsmis_monai.transforms.whole_scan`); the oracle protocols ignore them."""
+    margins = assemble_margins(plan, predictions, shape)
+    if plan.protocol != "whole" or steps is None or not steps.steps:
+        return (margins > 0).astype(np.uint8)
+    prob = expit(margins)
+    return steps(np.where(margins > 0, np.maximum(prob, np.nextafter(0.5, 1)), np.minimum(prob, 0.5)),
+                 query_image, prior).astype(np.uint8)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -198,6 +218,7 @@ class FewShotEvaluator:
         resume: bool = True,
         progress: bool = True,
         cache_support: bool = True,
+        whole_scan_steps: Optional[Sequence[str]] = DEFAULT_STEPS,
     ) -> None:
         self.desc = get_dataset(dataset)
         self.dataset_dir = Path(dataset_dir)
@@ -222,6 +243,7 @@ class FewShotEvaluator:
         self.resume = resume
         self.progress = progress
         self.cache_support = cache_support
+        self.whole_scan = WholeScanSteps(tuple(whole_scan_steps or ()))
 
     # ------------------------------------------------------------------------------------ setup
 
@@ -250,7 +272,7 @@ class FewShotEvaluator:
             "global_stats": list(self.global_stats) if self.global_stats else None, "faithful": self.faithful,
             "contract": None if self.contract is None else self.contract.to_dict(),
             "protocol_options": self.protocol_options, "model": type(self.model).__name__,
-            "model_sha1": model_fingerprint(self.model),
+            "model_sha1": model_fingerprint(self.model), "whole_scan_steps": list(self.whole_scan.steps),
         }
 
     def _check_resume(self, config: dict) -> None:
@@ -287,6 +309,7 @@ class FewShotEvaluator:
             stats, support = prepared.pop(f)
             support_image = to_channels(support.image)
             self._states: dict[int, dict] = {}  # encoded support groups per class, kept for the fold
+            self._priors: dict[int, SupportPrior] = {}  # the whole protocol's support prior per class
             fold_cases: list[CaseResult] = []
             for n, qid in enumerate(query_ids):
                 cached = self._cached(f, qid)
@@ -371,7 +394,7 @@ class FewShotEvaluator:
                 written: dict[bytes, Path] = {}
                 volumes = {}
                 for p, plan in plans[c].items():
-                    vol = assemble(plan, preds, query.label.shape)
+                    vol = assemble(plan, preds, query.label.shape, query.image, self._prior(support, c), self.whole_scan)
                     volumes[p] = vol
                     tp, fp, fn = confusion_counts(vol, truth, plan.scored)
                     status = case_status(tp, fn, fp, p)
@@ -389,6 +412,14 @@ class FewShotEvaluator:
                 if overlays and self.overlay_slices and out_dir is not None:
                     self._overlays(out_dir, fold, query, c, truth, volumes)
         return rows
+
+    def _prior(self, support: Scan, c: int) -> Optional[SupportPrior]:
+        """The support's prior of class ``c`` for the whole protocol's steps (computed once per fold)."""
+        if "whole" not in self.protocols or not self.whole_scan.steps:
+            return None
+        if c not in self._priors:
+            self._priors[c] = SupportPrior.from_volume(support.image, support.label == c, f"{support.path} class {c}")
+        return self._priors[c]
 
     def _overlays(self, out_dir: Path, fold: int, query: Scan, c: int, truth: np.ndarray, volumes: dict) -> None:
         zs = np.flatnonzero(truth.any(axis=(0, 1)))

@@ -21,7 +21,9 @@ Protocols (docs/reference.md#evaluation-protocols; z is the last array axis):
 - ``whole`` (no oracle, this toolkit): every query slice is predicted and scored, so false positives away
   from the organ count. Support slices as ``ep1``; the query's labels are not looked at: slice z uses the
   support slice whose relative position in the support scan, ``s / (Z_s - 1)``, is nearest to
-  ``z / (Z_q - 1)``. This is the number a user segmenting a new scan gets.
+  ``z / (Z_q - 1)``. The evaluator then applies the oracle-free whole-scan steps (support-guided range,
+  slice presence, 3D consistency: :mod:`fsmis_monai.transforms.whole_scan`, option ``whole_scan_steps``) to
+  the plan's prediction. This is the number a user segmenting a new scan gets.
 
 A query scan without the class gives the oracle protocols (``alp``, ``ep1``, ``senet``) nothing to predict
 or score (the references crash there); the evaluator reports such cases as empty ground truth. Under

@@ -7,7 +7,8 @@ downsampled to 64 x 64 x 8, small encoder, random weights):
 - ``fsmis freeze``: the support slices are the protocol's (checked against a NumPy z-score and pick written
   here), MONAI's ``verify_net_in_out``, ``ckpt_export`` (TorchScript, abs 1e-5) and ``onnx_export`` (ONNX
   reference evaluator, abs 1e-4) accept the new bundle and reproduce the eager logits, and its
-  ``inference.json`` writes a NIfTI on the query's grid equal to the source bundle's own few-shot inference.
+  ``inference.json`` writes a NIfTI on the query's grid equal to the source bundle's own few-shot inference,
+  with the same whole-scan steps and support prior (issue 23).
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ import torch
 from monai.bundle import ConfigWorkflow, ckpt_export, onnx_export, verify_metadata, verify_net_in_out
 
 from fsmis_monai.cli import main as fsmis_main
-from fsmis_monai.engines.inference import load_support
+from fsmis_monai.engines.inference import load_support, load_support_prior
 from fsmis_monai.export import FrozenFewShotSegmenter, trace
 from fsmis_monai.io import FsmisInputError, save_nifti, torch_load, torch_save
 from fsmis_monai.networks.methods import METHODS, build_method
 from fsmis_monai.transforms.overlays import overlay_slices
+from fsmis_monai.transforms.whole_scan import DEFAULT_STEPS
 
 from _real_scans import LIVER, liver_window
 
@@ -184,6 +186,11 @@ def test_freeze_command_writes_a_bundle_monai_can_check_export_and_run(tiny_scan
         assert wf.check_properties() == []
         wf.run()
         wf.finalize()
+    # the same oracle-free whole-scan steps with the same support prior (stored as numbers in the frozen config)
+    frozen_config = json.loads(Path(config).read_text())
+    assert frozen_config["whole_scan_steps"] == list(DEFAULT_STEPS) == source_wf.parser.get_parsed_content("whole_scan_steps")
+    assert frozen_config["support_prior"] == source_wf.parser.get_parsed_content("support_prior") == load_support_prior(
+        tiny_scans / "image_1.nii.gz", tiny_scans / "label_1.nii.gz", "liver", load_contract(out / "models" / "model.pt"))
     pred = nib.load(tmp_path / "frozen_pred" / "patient_b_seg.nii.gz")
     assert pred.shape == src.shape and np.allclose(pred.affine, affine)
     reference = np.asarray(nib.load(tmp_path / "source_pred" / "patient_b_seg.nii.gz").dataobj)

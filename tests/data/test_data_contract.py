@@ -198,7 +198,8 @@ def test_inference_json_writes_each_query_in_its_own_geometry(chaos_dir, tmp_pat
     wf = _inference_json("ssl_alpnet", encoder="small", dataset_dir=str(queries), output_dir=str(tmp_path / "pred"),
                          ckpt_path=str(ckpt), support_image=str(chaos_dir / "image_15.nii.gz"),
                          support_label=str(chaos_dir / "label_15.nii.gz"), support_class="liver",
-                         write_overlays=False, device="$torch.device('cpu')")
+                         write_overlays=False, whole_scan_steps=[],  # geometry only: the raw argmax
+                         device="$torch.device('cpu')")
     assert wf.parser.get_parsed_content("contract").image_size == (128, 128)  # the model's contract, not 256
     wf.run()
     wf.finalize()

@@ -38,7 +38,7 @@ def test_protocol_dice_parity_on_chaos(chaos_dir, tmp_path, faithful):
     out = tmp_path / "eval"
     summary = evaluate(SupportMaskModel(), chaos_dir, dataset="chaos", fold=0, family="qnet", protocols=protocols,
                        output_dir=out, query_ids=query_ids, classes=classes, faithful=faithful, progress=False,
-                       overlay_slices=0)
+                       overlay_slices=0, whole_scan_steps=[])  # the plans alone; the steps: transforms/test_whole_scan
     rows = {(int(r["query_id"]), int(r["class"]), r["protocol"]): r for r in read_per_case_csv(out / "per_case.csv")}
     assert len(rows) == len(query_ids) * len(classes) * len(protocols)
     _, s_lbl = load(chaos_dir, support_id)
@@ -90,7 +90,8 @@ def test_empty_ground_truth_is_reported(cmr_dir, tmp_path):
 
     out = tmp_path / "eval"
     summary = evaluate(SupportMaskModel(), data, dataset="cmr", fold=0, protocols=("alp", "ep1", "ep2", "senet", "whole"),
-                       output_dir=out, support_id=1, query_ids=(2, 3), classes=(2, 3), progress=False, overlay_slices=0)
+                       output_dir=out, support_id=1, query_ids=(2, 3), classes=(2, 3), progress=False, overlay_slices=0,
+                       whole_scan_steps=[])
     rows = {(int(r["query_id"]), int(r["class"]), r["protocol"]): r for r in read_per_case_csv(out / "per_case.csv")}
     q_img, _ = load(cmr_dir, 3)
     _, s_lbl = load(cmr_dir, 1)

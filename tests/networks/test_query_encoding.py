@@ -161,8 +161,9 @@ def test_method_without_the_split_falls_back_to_segment(chaos_dir):
     shared = predict_query(model, inferer, query, support, support_label, requests)
     assert count.images == query.shape[-1] + sum(len(g) for _, g in requests)
     for key, zs in requests.items():
-        for z in zs:
-            assert np.array_equal(shared[key][z], fallback[key][z])
+        for z in zs:  # the same foreground; the logit margins agree to float32 rounding
+            assert np.array_equal(shared[key][z] > 0, fallback[key][z] > 0)
+            np.testing.assert_allclose(shared[key][z], fallback[key][z], atol=1e-4, rtol=1e-4)
     assert not SegmentOnly.splits_query()
 
 
