@@ -10,7 +10,6 @@ from fsmis_monai.networks.methods.base import FewShotOutput, FewShotSegmenter, S
 # registry name -> "module:ClassName" (imported lazily so a method's dependencies load only when used)
 METHODS: dict[str, str] = {
     "prototype": "fsmis_monai.networks.methods.prototype:PrototypeSegmenter",
-    "support_copy": "fsmis_monai.networks.methods.copy_baseline:SupportMaskCopy",
     "ssl_alpnet": "fsmis_monai.networks.methods.alpnet:ALPNet",
     "adnet": "fsmis_monai.networks.methods.adnet:ADNet",
     "qnet": "fsmis_monai.networks.methods.qnet:QNet",
@@ -21,10 +20,18 @@ METHODS: dict[str, str] = {
 }
 
 
+#: parameter-free baselines (no encoder, nothing to train), built by name like a method; kept apart from
+#: :data:`METHODS` (the networks) so everything that trains, imports or encodes iterates networks only
+BASELINES: dict[str, str] = {
+    "support_copy": "fsmis_monai.networks.methods.copy_baseline:SupportMaskCopy",
+}
+
+
 def method_class(name: str) -> type:
-    if name not in METHODS:
-        raise KeyError(f"unknown method {name!r}; known: {sorted(METHODS)}")
-    module, cls = METHODS[name].split(":")
+    registry = {**METHODS, **BASELINES}
+    if name not in registry:
+        raise KeyError(f"unknown method {name!r}; known: {sorted(registry)}")
+    module, cls = registry[name].split(":")
     return getattr(importlib.import_module(module), cls)
 
 
@@ -33,4 +40,4 @@ def build_method(name: str, **kwargs: Any) -> FewShotSegmenter:
     return method_class(name)(**kwargs)
 
 
-__all__ = ["FewShotOutput", "FewShotSegmenter", "SupportState", "METHODS", "build_method", "method_class"]
+__all__ = ["BASELINES", "FewShotOutput", "FewShotSegmenter", "SupportState", "METHODS", "build_method", "method_class"]
