@@ -41,7 +41,7 @@ def support_slices(
     image: str | Path,
     label: str | Path,
     support_class: int | str,
-    n_support_slices: int = 1,
+    n_support_slices: Optional[int] = 1,
     contract: Optional[DataContract] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Support images ``[K, 3, H, W]``, masks ``[K, H, W]`` and the picked slice indices (in the contract's
@@ -49,7 +49,9 @@ def support_slices(
 
     ``support_class``: a class name of the contract's dataset or a raw label value as stored in ``label``
     (e.g. 200 for the released MS-CMRSeg myocardium); without a dataset (``contract.label_map`` None) any raw
-    value of the user's own masks (e.g. 255). Errors name the file, the values found and the classes known.
+    value of the user's own masks (e.g. 255). ``n_support_slices`` None: every slice holding the class (a mask
+    painted on a few slices, as the MONAI Label app sends it). Errors name the file, the values found and the
+    classes known.
     """
     from fsmis_monai.evaluation.protocols import class_slices, fraction_picks
 
@@ -68,6 +70,7 @@ def support_slices(
     if zs.size == 0:  # the class vanished on the contract's grid (a sliver removed by resampling)
         raise FsmisInputError(f"{label}: class {support_class!r} covers no voxel after resampling to the model's "
                               f"grid (values found: {[int(v) for v in values]})")
+    n_support_slices = len(zs) if n_support_slices is None else n_support_slices
     if int(n_support_slices) > len(zs):
         warnings.warn(f"{label}: {n_support_slices} support slices asked, class {support_class} is on {len(zs)} "
                       f"slices; using those {len(zs)}")
@@ -82,7 +85,7 @@ def load_support(
     image: str | Path,
     label: str | Path,
     support_class: int | str,
-    n_support_slices: int = 1,
+    n_support_slices: Optional[int] = 1,
     dataset: Optional[str] = None,
     contract: Optional[DataContract] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
