@@ -255,3 +255,42 @@ def test_bad_requests_get_a_one_line_reason(site, tmp_path):
     status, detail = _refusal(site, f"/infer/{TASK}?image=chaos_1",
                               {**_slicer_params(site), "selected_label_name": "kidney"}, site["painted"])
     assert status == 422 and "'kidney' is not one of the uploaded segments" in detail
+
+
+def test_frozen_support_from_fsmis_freeze(site, tmp_path):
+    """An encoded support of ``fsmis freeze`` (no label uploaded) segments another image of the datastore as
+    the frozen bundle's own inference.json does."""
+    frozen = site["root"] / "frozen"
+    if not frozen.exists():
+        subprocess.run([sys.executable, "-m", "fsmis_monai", "freeze", "--bundle", str(REPO / "bundles" / BUNDLE),
+                        "--ckpt_path", str(site["ckpt"]), "--support-image", str(site["crops"] / "image_1.nii.gz"),
+                        "--support-label", str(site["liver_only"]), "--class", "1", "--dataset", "none",
+                        "--protocol", "ep2", "--output", str(frozen), "--set", 'encoder="small"'],
+                       check=True, capture_output=True, timeout=REQUEST_S)
+    status, kind, body = _post(site, f"/infer/{TASK}?image=chaos_2", {"frozen": str(frozen)})
+    assert status == 200, body[:500]
+    answer, result = _answer(kind, body, tmp_path / "result.nii.gz")
+    expected = _bundle_run(tmp_path, site["crops"] / "image_2.nii.gz", {"device": SETTINGS["device"]}, bundle=frozen)
+    assert np.array_equal(np.asarray(result.dataobj), expected)
+    assert answer["frozen"] == str(frozen) and "labelled_slices" in answer
+
+
+def test_batch_applies_a_saved_label_to_every_other_image(site, tmp_path):
+    """Slicer's "Submit Label" saves the painted label of chaos_1; a batch request segments chaos_2 with it
+    and saves the result in the datastore (label tag ``original``), equal to inference.json's prediction."""
+    content_type, body = _multipart({"params": "{}"}, {"label": site["liver_only"]})
+    conn = http.client.HTTPConnection("127.0.0.1", site["port"], timeout=REQUEST_S)
+    conn.request("PUT", "/datastore/label?image=chaos_1&tag=final", body, {"content-type": content_type})
+    r = conn.getresponse()
+    assert r.status == 200, r.read()[:500]
+    r.read()
+    req = urllib.request.Request(
+        f"{site['url']}/batch/infer/{TASK}?images=unlabeled&run_sync=true", method="POST",
+        # multi_gpu false: MONAI Label 0.8.5's batch infer divides by the GPU count otherwise
+        data=json.dumps({"support_image": "chaos_1", "support_class": 1, "multi_gpu": False, "device": "cpu"}).encode(),
+        headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=STARTUP_S) as r:
+        assert r.status == 200
+    saved = site["studies"] / "labels" / "original" / "chaos_2.nii.gz"
+    assert saved.is_file()
+    assert np.array_equal(np.asarray(nib.load(saved).dataobj), _painted_support_run(site, tmp_path, query=2))
