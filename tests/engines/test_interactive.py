@@ -49,3 +49,17 @@ def test_segment_with_bundle_refuses_a_folder_without_inference_json_or_a_missin
 
     with pytest.raises(FsmisInputError, match="q.nii.gz: no such image"):
         segment_with_bundle(REPO_ROOT / "bundles" / "adnet", tmp_path / "q.nii.gz", tmp_path / "out")
+
+
+def test_every_painted_slice_is_a_support_slice(tmp_path):
+    """``n_support_slices=None`` (the app's support): every slice holding the painted value, in order."""
+    from fsmis_monai.engines.inference import support_slices
+
+    rng = np.random.default_rng(0)
+    image = save_nifti(tmp_path / "image.nii.gz", rng.normal(size=(16, 16, 6)).astype(np.float32), affine=np.eye(4))
+    painted = np.zeros((16, 16, 6), np.uint8)
+    painted[4:9, 4:9, [1, 2, 4]] = 3
+    painted[2, 2, 5] = 1  # another segment: not the support
+    label = save_nifti(tmp_path / "painted.nii.gz", painted, affine=np.eye(4))
+    images, masks, picks = support_slices(image, label, 3, None)
+    assert picks == [1, 2, 4] and images.shape == (3, 3, 16, 16) and int(masks.sum()) == 3 * 25
