@@ -7,6 +7,7 @@
 - ``bundle``: comma-separated bundle names (``bundles/<name>`` of this project, e.g. ``qnet,adnet``) or folders;
   default ``ssl_alpnet``. Task names: ``fsmis_<bundle folder name>``.
 - ``ckpt_path``: weights (one bundle only); default each bundle's ``models/model.pt``.
+- ``frozen``: comma-separated folders written by ``fsmis freeze`` that requests may use (``params.frozen``).
 - ``set``: JSON object of ``inference.json`` keys for every request, e.g. ``{"encoder": "small"}`` for weights
   trained with the small encoder, ``{"device": "$torch.device('cpu')"}``.
 
@@ -62,6 +63,11 @@ class FewShotApp(MONAILabelApp):
         for b, w in self.weights.items():
             if not w.is_file():
                 raise FsmisInputError(f"{w}: no weights for bundle {b.name}; train it or give --conf ckpt_path")
+        self.frozen = [Path(f.strip()).expanduser().resolve() for f in conf.get("frozen", "").split(",") if f.strip()]
+        for f in self.frozen:
+            if not (f / "configs" / "inference.json").is_file():
+                raise FsmisInputError(f"--conf frozen {f}: not a bundle written by fsmis freeze "
+                                      "(configs/inference.json missing)")
         try:
             self.overrides = json.loads(conf.get("set", "{}"))
         except json.JSONDecodeError as e:
@@ -76,7 +82,7 @@ class FewShotApp(MONAILabelApp):
             contract = model_contract(self.weights[bundle], self._dataset(bundle))
             names = [n for c, n in sorted(contract.class_names.items()) if c != 0] or ["organ"]
             tasks[TASK_PREFIX + bundle.name] = FewShotInfer(bundle, self.weights[bundle], self.overrides,
-                                                            self.datastore, labels=names)
+                                                            self.datastore, labels=names, frozen=self.frozen)
         return tasks
 
     @staticmethod

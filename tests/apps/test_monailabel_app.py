@@ -46,6 +46,7 @@ TASK = f"fsmis_{BUNDLE}"
 SETTINGS = {"encoder": "small", "device": "$torch.device('cpu')"}
 LIVER, SPLEEN = 1, 4  # CHAOS label values
 STARTUP_S, REQUEST_S = 180, 120
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 
 
 def _free_port() -> int:
@@ -86,14 +87,22 @@ def site(chaos_dir, tmp_path_factory):
     ckpt = root / "model.pt"
     torch.save(net.state_dict(), ckpt)
 
+    # an encoded support of `fsmis freeze` (the liver painted on chaos_1), offered by the server (--conf frozen)
+    frozen = root / "frozen_liver"
+    subprocess.run([sys.executable, "-m", "fsmis_monai", "freeze", "--bundle", str(REPO / "bundles" / BUNDLE),
+                    "--ckpt_path", str(ckpt), "--support-image", str(crops / "image_1.nii.gz"),
+                    "--support-label", str(liver_only), "--class", "1", "--dataset", "none", "--protocol", "ep2",
+                    "--output", str(frozen), "--set", 'encoder="small"'], check=True, capture_output=True,
+                   timeout=REQUEST_S, env=ENV)
+
     port = _free_port()
     log = open(root / "server.log", "w")
     server = subprocess.Popen(
         [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(REPO / "apps" / "monailabel"),
          "--studies", str(studies), "--conf", "bundle", BUNDLE, "--conf", "ckpt_path", str(ckpt),
-         "--conf", "set", json.dumps(SETTINGS), "--host", "127.0.0.1", "--port", str(port)],
+         "--conf", "frozen", str(frozen), "--conf", "set", json.dumps(SETTINGS), "--host", "127.0.0.1", "--port", str(port)],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
+        env=ENV)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + STARTUP_S
@@ -109,7 +118,7 @@ def site(chaos_dir, tmp_path_factory):
                 pytest.fail(f"server did not start: {(root / 'server.log').read_text()[-3000:]}")
             time.sleep(1)
         yield {"url": url, "port": port, "root": root, "crops": crops, "studies": studies, "ckpt": ckpt,
-               "painted": painted, "liver_only": liver_only, "z": z}
+               "painted": painted, "liver_only": liver_only, "z": z, "frozen": frozen}
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
@@ -168,7 +177,7 @@ def _bundle_run(tmp: Path, query: Path, overrides: dict, bundle: Path | None = N
     for k, v in args.items():
         cmd += [f"--{k}", v if isinstance(v, str) else repr(v)]
     subprocess.run(cmd, check=True, capture_output=True, timeout=REQUEST_S, cwd=tmp,
-                   env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
+                   env=ENV)
     (pred,) = out.glob("*_seg.nii.gz")
     return np.asarray(nib.load(pred).dataobj)
 
@@ -258,21 +267,18 @@ def test_bad_requests_get_a_one_line_reason(site, tmp_path):
 
 
 def test_frozen_support_from_fsmis_freeze(site, tmp_path):
-    """An encoded support of ``fsmis freeze`` (no label uploaded) segments another image of the datastore as
-    the frozen bundle's own inference.json does."""
-    frozen = site["root"] / "frozen"
-    if not frozen.exists():
-        subprocess.run([sys.executable, "-m", "fsmis_monai", "freeze", "--bundle", str(REPO / "bundles" / BUNDLE),
-                        "--ckpt_path", str(site["ckpt"]), "--support-image", str(site["crops"] / "image_1.nii.gz"),
-                        "--support-label", str(site["liver_only"]), "--class", "1", "--dataset", "none",
-                        "--protocol", "ep2", "--output", str(frozen), "--set", 'encoder="small"'],
-                       check=True, capture_output=True, timeout=REQUEST_S)
-    status, kind, body = _post(site, f"/infer/{TASK}?image=chaos_2", {"frozen": str(frozen)})
+    """An encoded support of ``fsmis freeze`` the server offers (no label uploaded) segments another image of
+    the datastore as the frozen bundle's own inference.json does; a folder the server does not offer is
+    refused (bundle configs execute Python: a request must not pick any folder of the server's disk)."""
+    frozen = site["frozen"]
+    status, kind, body = _post(site, f"/infer/{TASK}?image=chaos_2", {"frozen": frozen.name})
     assert status == 200, body[:500]
     answer, result = _answer(kind, body, tmp_path / "result.nii.gz")
     expected = _bundle_run(tmp_path, site["crops"] / "image_2.nii.gz", {"device": SETTINGS["device"]}, bundle=frozen)
     assert np.array_equal(np.asarray(result.dataobj), expected)
     assert answer["frozen"] == str(frozen) and "labelled_slices" in answer
+    status, detail = _refusal(site, f"/infer/{TASK}?image=chaos_2", {"frozen": str(REPO / "bundles" / BUNDLE)}, None)
+    assert status == 422 and "not one of the frozen supports the server was started with" in detail
 
 
 def test_batch_applies_a_saved_label_to_every_other_image(site, tmp_path):

@@ -14,7 +14,9 @@ Request (``POST /infer/<task>?image=<id>``, multipart ``params`` + ``label``):
 - ``params.support_image``: a datastore image id the label was painted on (default: the query ``image``);
   without an upload its saved label (``labels/final``, Slicer's "Submit Label") is the support, so
   ``POST /batch/infer/<task>`` applies it to other images of the datastore.
-- ``params.frozen``: a folder written by ``fsmis freeze`` (its support already encoded); no label needed.
+- ``params.frozen``: one of the folders written by ``fsmis freeze`` that the server was started with
+  (``--conf frozen``; by folder name or path): its support is already encoded, no label needed. Only those:
+  bundle configs execute Python, so a request cannot name any folder of the server's disk.
 - ``params.keep_largest_component``: bool.
 
 Result: a uint8 0/1 NIfTI in the image's geometry; params ``labelled_slices`` (slices of the result that hold
@@ -28,7 +30,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import nibabel as nib
 import numpy as np
@@ -68,10 +70,12 @@ class FewShotInfer(InferTask):
         ckpt_path: its weights (``models/model.pt`` of the bundle by default).
         overrides: further ``inference.json`` keys for every request (e.g. ``{"encoder": "small"}``).
         datastore: a callable returning the app's datastore (image ids -> files, saved labels).
+        labels: the class names shown in Slicer.
+        frozen: bundles of ``fsmis freeze`` a request may name (``params.frozen``).
     """
 
     def __init__(self, bundle: Path, ckpt_path: Path, overrides: Mapping[str, Any], datastore: Any,
-                 labels: Any) -> None:
+                 labels: Any, frozen: Sequence[Path] = ()) -> None:
         super().__init__(type=InferType.SCRIBBLES, labels=labels, dimension=3,
                          description=f"Few-shot {bundle.name}: paint the organ on one slice (or a few), get it in "
                                      "every slice of the scan",
@@ -80,6 +84,7 @@ class FewShotInfer(InferTask):
         self.ckpt_path = Path(ckpt_path)
         self.overrides = {**dict(overrides), "ckpt_path": str(self.ckpt_path)}
         self.datastore = datastore
+        self.frozen = {Path(f).resolve().name: Path(f).resolve() for f in frozen}
         self.orientation = model_contract(self.ckpt_path, None).orientation
 
     def is_valid(self) -> bool:
@@ -143,10 +148,11 @@ class FewShotInfer(InferTask):
         bundle, result = self.bundle, {"bundle": self.bundle.name, "weights": str(self.ckpt_path)}
         label_name = None
         if frozen:
-            bundle = Path(frozen)
-            if not is_bundle(bundle):
-                raise _refuse(422, f"frozen {frozen!r}: not a bundle written by fsmis freeze "
-                                   "(configs/inference.json missing)")
+            named = self.frozen.get(str(frozen))
+            bundle = named or next((p for p in self.frozen.values() if p == Path(str(frozen)).resolve()), None)
+            if bundle is None:
+                raise _refuse(422, f"frozen {frozen!r}: not one of the frozen supports the server was started "
+                                   f"with (--conf frozen): {sorted(self.frozen)}")
             overrides = {k: v for k, v in overrides.items() if k in ("keep_largest_component", "device")}
             result.update(frozen=str(bundle), weights=str(bundle / "models" / "model.pt"))
         else:
