@@ -7,7 +7,7 @@ upload, the request parsing and the NIfTI download, a few tens of ms for these v
     # quality: paint each organ on its middle slice of a held-out CHAOS scan, segment the scan
     python bench/label_app.py quality --bundle qnet --ckpt PATH [--set '{"encoder": "small"}'] --ids 1 2 5 8
     # latency: painted slice in, volume out, a 256 x 256 x 40 scan, small encoder and a paper encoder
-    python bench/label_app.py latency --bundle qnet [--ckpt PATH] --encoders small deeplabv3_resnet101
+    python bench/label_app.py latency --bundle qnet [--ckpt PATH] [--encoders small qnet_resnet101]
 
 Quality: the app against the floor "copy the painted mask to every slice", both scored with Dice over the
 scan's slices holding the organ (the floor has nothing to say outside them), and the app's Dice over the
@@ -110,7 +110,8 @@ def latency(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         scan = save_nifti(Path(tmp) / "scan.nii.gz", image, affine=nii.affine)
         painted = save_nifti(Path(tmp) / "painted.nii.gz", paint_middle(label, ORGANS["liver"])[0], affine=nii.affine)
-        for encoder in args.encoders:
+        paper = json.loads((bundle / "configs" / "inference.json").read_text())["encoder"]
+        for encoder in args.encoders or ["small", paper]:
             ckpt = args.ckpt
             if ckpt is None:
                 parser = ConfigParser()
@@ -120,12 +121,14 @@ def latency(args: argparse.Namespace) -> dict:
                 torch.save(parser.get_parsed_content("network_def").state_dict(), ckpt)
             overrides = {**json.loads(args.set), "encoder": encoder, "ckpt_path": str(ckpt), "device": "$torch.device('cpu')"}
             times, cpu = [], []
-            for r in range(args.repeats + 1):  # the first run warms caches (imports, page cache); not counted
+            for r in range(args.repeats + 1):  # the first run warms caches (imports, page cache); not counted,
+                # unless --repeats 0
                 t, c = time.perf_counter(), time.process_time()
                 segment(bundle, scan, painted, overrides, Path(tmp) / f"out_{encoder}_{r}")
                 times.append(time.perf_counter() - t)
                 cpu.append(time.process_time() - c)
-            results.append({"encoder": encoder, "seconds": times[1:], "cpu_seconds": cpu[1:], "first": times[0],
+            results.append({"encoder": encoder, "seconds": times[1:] or times, "cpu_seconds": cpu[1:] or cpu,
+                            "first": times[0],
                             "load_average": os.getloadavg()[0]})
             print(json.dumps(results[-1]), flush=True)
     print(f"\n{args.bundle}, 256 x 256 x {depth} scan, liver painted on 1 slice, CPU, {args.threads} threads\n")
@@ -146,7 +149,7 @@ def main() -> None:
     q.add_argument("--organs", nargs="+", default=list(ORGANS), choices=list(ORGANS))
     lat = sub.add_parser("latency")
     lat.add_argument("--ckpt", type=Path, default=None)
-    lat.add_argument("--encoders", nargs="+", default=["small", "deeplabv3_resnet101"])
+    lat.add_argument("--encoders", nargs="+", default=None, help="default: small and the bundle's paper encoder")
     lat.add_argument("--scan", type=int, default=1)
     lat.add_argument("--depth", type=int, default=40)
     lat.add_argument("--repeats", type=int, default=3)
