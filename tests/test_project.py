@@ -31,3 +31,15 @@ def test_cli_lists_commands():
 
     help_text = build_parser().format_help()
     assert "usage: fsmis" in help_text
+
+
+def test_ci_runs_the_label_app_commands():
+    """The MONAI Label section's install and test commands run in CI's second environment."""
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    ci_lines = [line.strip() for line in (REPO_ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()]
+    commands = _indented_commands(readme, "Paint one slice in 3D Slicer (MONAI Label app)")
+    install = [c for c in commands if c.startswith("pip install")]
+    tests = [c for c in commands if "pytest" in c]
+    assert install == ['pip install -c constraints.txt -e ".[dev,label]"'] and len(tests) == 1
+    assert install[0] in ci_lines and tests[0] in ci_lines
+    assert "FSMIS_REQUIRE_MONAILABEL=1" in tests[0]  # skipping the app's tests there is a failure

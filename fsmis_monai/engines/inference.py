@@ -72,15 +72,17 @@ def support_slices(
     image: str | Path,
     label: str | Path,
     support_class: int | str,
-    n_support_slices: int = 1,
+    n_support_slices: Optional[int] = 1,
     contract: Optional[DataContract] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Support images ``[K, 3, H, W]``, masks ``[K, H, W]`` and the picked slice indices (in the contract's
-    grid), from an annotated scan prepared by :func:`prepared_support`."""
+    grid), from an annotated scan prepared by :func:`prepared_support`. ``n_support_slices`` None: every slice
+    holding the class (a mask painted on a few slices, as the MONAI Label app sends it)."""
     from fsmis_monai.evaluation.protocols import class_slices, fraction_picks
 
     volume, mask = prepared_support(image, label, support_class, contract)
     zs = class_slices(mask.numpy())
+    n_support_slices = len(zs) if n_support_slices is None else n_support_slices
     if int(n_support_slices) > len(zs):
         warnings.warn(f"{label}: {n_support_slices} support slices asked, class {support_class} is on {len(zs)} "
                       f"slices; using those {len(zs)}")
@@ -109,7 +111,7 @@ def load_support(
     image: str | Path,
     label: str | Path,
     support_class: int | str,
-    n_support_slices: int = 1,
+    n_support_slices: Optional[int] = 1,
     dataset: Optional[str] = None,
     contract: Optional[DataContract] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
