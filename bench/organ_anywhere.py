@@ -76,7 +76,7 @@ def measure(args: argparse.Namespace) -> tuple[dict, list[str]]:
             requests = {(c, g): zs for c in ev.classes for g, zs in merge_requests(list(plans[c].values())).items()}
             cached = None if args.cache is None else args.cache / f"fold{fold}_query{qid}.pt"
             if cached is not None and cached.is_file():  # the same weights' pass, kept to try other settings
-                shared = torch.load(cached, weights_only=False)
+                shared = torch.load(cached, weights_only=True)
             else:
                 shared = predict_query(model, ev.inferer, to_channels(query.image), support_image, support.label,
                                        requests, states=states)

@@ -95,7 +95,7 @@ def test_readme_demo_segments_a_sample_cut_with_the_shipped_weights(tmp_path):
     """``fsmis demo`` (README's first command) on a 16-slice cut of the sample scans: the prediction is
     written in the query's geometry and the printed Dice is the one recomputed here from the files."""
     sample = REPO / "fsmis_monai" / "sample_data" / "chaos_mr_t2"
-    cut = chaos_window(sample, tmp_path / "cut", (2, 15), origin=(0, 0), size=256, depth=16, step=1)
+    cut = chaos_window(sample, tmp_path / "cut", (2, 20), origin=(0, 0), size=256, depth=16, step=1)
     out = tmp_path / "pred"
     run = subprocess.run([sys.executable, "-m", "fsmis_monai", "demo", "--sample-dir", str(cut), "--output", str(out),
                           "--threads", "2"], capture_output=True, text=True, cwd=tmp_path, timeout=600)

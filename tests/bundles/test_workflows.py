@@ -215,7 +215,7 @@ def test_own_masks_train_and_evaluate_with_no_dataset(chaos_dir, tmp_path):
         save_nifti(data / f"label_{i}.nii.gz", np.where(np.asarray(img.dataobj) == 1, 255, 0).astype(np.uint8),
                    affine=img.affine)
     run = tmp_path / "run"
-    _bundle_run("adnet", ["train.json"], tmp_path, dataset_dir=str(data), dataset_name="none", encoder="small",
+    _bundle_run("adnet", ["train.json"], tmp_path, dataset_dir=str(data), dataset_name="none", **CPU_OVERRIDES,
                 image_size=64, max_iterations=2, num_workers=0, val_interval=0, progress_bar="False",
                 output_dir=str(run), ckpt_path=str(run / "model.pt"))
     pseudo = sorted(p.name for p in (run / "none_supervoxels_5000").glob("superpix-*"))

@@ -28,6 +28,7 @@ from monai.bundle import run as bundle_run
 from fsmis_monai.cli import main as fsmis_main
 from fsmis_monai.data.volumes import training_volumes
 from fsmis_monai.io import FsmisInputError, input_error_in, save_nifti
+from fsmis_monai.bundles import CPU_OVERRIDES
 from fsmis_monai.networks.methods import build_method
 
 from _raw_scans import write_dicom_series
@@ -230,7 +231,7 @@ def _train(scans: Path, pseudo: Path, out: Path) -> None:
     configs = ADNET / "configs"
     bundle_run(config_file=str(configs / "train.json"), meta_file=str(configs / "metadata.json"),
                logging_file=str(configs / "logging.conf"), bundle_root=str(ADNET), dataset_dir=str(scans),
-               pseudolabel_dir=str(pseudo), generate_pseudolabels=False, fold="$None", encoder="small",
+               pseudolabel_dir=str(pseudo), generate_pseudolabels=False, fold="$None", **CPU_OVERRIDES,
                image_size=64, max_iterations=1, num_workers=0, val_interval=0, progress_bar=False,
                output_dir=str(out), ckpt_path=str(out / "model.pt"), device="$torch.device('cpu')")
 
