@@ -66,6 +66,8 @@ def table(results: Dict[str, dict]) -> str:
 
 
 def key_metrics(results: Dict[str, dict], args: argparse.Namespace, record: dict, iterations: int) -> dict:
+    from fsmis_monai.transforms.whole_scan import DEFAULT_STEPS
+
     def per_class(summary: dict, p: str) -> dict:
         return {c["name"]: round(c["mean"], 4) for c in summary["protocols"][p]["classes"].values()}
 
@@ -84,6 +86,7 @@ def key_metrics(results: Dict[str, dict], args: argparse.Namespace, record: dict
         "untrained_network": {p: round(results["untrained"]["summary"]["protocols"][p]["mean"], 4) for p in PROTOCOLS},
         "support_copy_floor": {p: {"mean_dice": round(results["support_copy"]["summary"]["protocols"][p]["mean"], 4),
                                    "classes": per_class(results["support_copy"]["summary"], p)} for p in PROTOCOLS},
+        "whole_scan_steps": list(DEFAULT_STEPS),
         "encoder": record.get("encoder"), "initialisation": "random (no pretrained weights)",
         "iterations": iterations, "cpu_hours": args.cpu_hours, "threads": 1,
         "training_command": args.command,
