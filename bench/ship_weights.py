@@ -228,7 +228,7 @@ def main() -> None:
     if not args.variant and record.get("encoder"):
         # inference.json falls back to this encoder when it cannot read --ckpt_path's record (MONAI's
         # monai.bundle.load parses the config without a bundle_root, so "./models/model.pt" is not found)
-        infer = source.with_name("trained.json")  # the layer of evaluate.json and inference.json
+        infer = source.with_name("inference.json")  # the method layer of inference.json alone
         layer = json.loads(infer.read_text()) if infer.is_file() else {}
         layer["encoder"] = record["encoder"]
         infer.write_text(json.dumps(layer, indent=4) + "\n")

@@ -54,7 +54,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
                    "methods/{method}/train.json"),
     "evaluate.json": ("common/evaluate.json", "methods/{method}/evaluate.json", "methods/{method}/trained.json"),
     "inference.json": ("common/network.json", "common/inference.json", "methods/{method}/network.json",
-                       "methods/{method}/trained.json"),
+                       "methods/{method}/trained.json", "methods/{method}/inference.json"),
     "multi_gpu_train.json": ("common/multi_gpu_train.json", "methods/{method}/multi_gpu_train.json"),
     "metadata.json": ("common/metadata.json", "methods/{method}/metadata.json"),
 }
