@@ -2,6 +2,8 @@
 README's figures come from the default 600, see bench/RESULTS.md)."""
 
 import csv
+import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -10,12 +12,19 @@ from fsmis_monai.cli import main
 from fsmis_monai.commands.quickstart import QUERY_ID, SAMPLE_DIR
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 def test_quickstart_end_to_end(tmp_path, capsys):
     out = tmp_path / "qs"
     assert main(["quickstart", "--output", str(out), "--iterations", "3", "--image-size", "64", "--threads", "2"]) == 0
     printed = capsys.readouterr().out
     assert "held-out mean Dice: trained" in printed
     assert (out / "report.md").is_file() and "| **mean** |" in (out / "report.md").read_text(encoding="utf-8")
+    # next to the short run: the shipped model's held-out figure, as its bundle metadata records it
+    shipped = json.loads((REPO / "bundles" / "qnet" / "configs" / "metadata.json").read_text())["key_metrics"]["default"]
+    assert f"held-out EP1 mean Dice {shipped['protocols']['ep1']['mean_dice']:.3f}" in (out / "report.md").read_text(
+        encoding="utf-8")
     assert (out / "model.pt").is_file()
 
     # supervoxels keep the scan's geometry and cover the body
