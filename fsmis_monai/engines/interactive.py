@@ -29,6 +29,10 @@ __all__ = ["support_overrides", "segment_with_bundle", "labelled_slices", "paint
 
 #: the support is every slice the person painted (``support_slices`` with ``n_support_slices`` None)
 ALL_PAINTED = None
+#: whole-scan steps for a painted support: ``range`` reads the support label's extent as the organ's, which a few
+#: painted slices understate (bench/RESULTS.md "MONAI Label app": ~13 of 25 liver slices labelled), so only the
+#: label-free ``consistency`` step applies
+PAINTED_STEPS: tuple[str, ...] = ("consistency",)
 
 
 def is_bundle(folder: str | Path) -> bool:
@@ -38,9 +42,10 @@ def is_bundle(folder: str | Path) -> bool:
 
 def support_overrides(image: str | Path, label: str | Path, value: int) -> dict[str, Any]:
     """``inference.json`` keys that make ``label == value`` on ``image`` the support: every painted slice,
-    the label read as the user's own mask (no dataset label map; ``value`` is the painted raw value)."""
+    the label read as the user's own mask (no dataset label map; ``value`` is the painted raw value), and the
+    whole-scan steps a partial label allows (:data:`PAINTED_STEPS`)."""
     return {"support_image": str(image), "support_label": str(label), "support_class": int(value),
-            "n_support_slices": ALL_PAINTED, "dataset_name": None}
+            "n_support_slices": ALL_PAINTED, "dataset_name": None, "whole_scan_steps": list(PAINTED_STEPS)}
 
 
 def painted_value(label_info: Sequence[Mapping[str, Any]], selected: str) -> int:

@@ -187,7 +187,8 @@ def _painted_support_run(site, tmp: Path, query: int) -> np.ndarray:
     label read as the user's own mask), segmenting chaos_``query``."""
     return _bundle_run(tmp, site["crops"] / f"image_{query}.nii.gz", {
         "support_image": str(site["crops"] / "image_1.nii.gz"), "support_label": str(site["liver_only"]),
-        "support_class": 1, "n_support_slices": None, "dataset_name": None, "ckpt_path": str(site["ckpt"]),
+        "support_class": 1, "n_support_slices": None, "dataset_name": None, "whole_scan_steps": ["consistency"],
+        "ckpt_path": str(site["ckpt"]),
         **SETTINGS})
 
 
