@@ -107,6 +107,20 @@ def load_support_prior(
     return SupportPrior.from_volume(volume.numpy(), mask.numpy(), str(label)).to_dict()
 
 
+def load_painted_support(
+    image: str | Path,
+    label: str | Path,
+    support_class: int | str,
+    contract: Optional[DataContract] = None,
+) -> dict[str, Any]:
+    """For the ``anchor`` whole-scan step: ``{"image": the support scan's path (links resolved), "mask": its
+    class mask, bool ``[H, W, D]`` on the model's grid}`` (:func:`prepared_support`). A query read from that
+    same file (the MONAI Label app's painted scan) keeps the label on the labelled slices and only the
+    components touching it (:func:`fsmis_monai.transforms.whole_scan.anchored_components`)."""
+    _, mask = prepared_support(image, label, support_class, contract)
+    return {"image": str(Path(image).resolve()), "mask": mask.numpy().astype(bool)}
+
+
 def load_support(
     image: str | Path,
     label: str | Path,
@@ -162,9 +176,11 @@ def prediction_layout(output_dir: str | Path, data_root_dir: str | Path = "", po
 def prediction_postprocessing(preprocessing: Compose, output_dir: str | Path, output_postfix: str = OUTPUT_POSTFIX,
                               keep_largest: bool = False, write_overlays: bool = True,
                               data_root_dir: str | Path = "", whole_scan_steps: Optional[Sequence[str]] = (),
-                              support_prior: Optional[Mapping[str, float]] = None) -> Compose:
+                              support_prior: Optional[Mapping[str, float]] = None,
+                              painted_support: Optional[Mapping[str, Any]] = None) -> Compose:
     """``pred`` logits ``[2, H, W, D]`` on the network's grid -> the oracle-free ``whole_scan_steps`` with the
-    support's prior (:class:`fsmis_monai.transforms.whole_scan.WholeScanStepsd`; ``[]``: none) -> argmax ->
+    support's prior (:class:`fsmis_monai.transforms.whole_scan.WholeScanStepsd`; ``[]``: none; ``anchor``
+    with ``painted_support``, :func:`load_painted_support`) -> argmax ->
     ``Invertd`` back to the query file's own geometry (shape and affine of the input, nearest) -> optionally
     ``KeepLargestConnectedComponentd`` -> NIfTI written atomically (``<name>_<postfix>.nii.gz``, header marked
     :data:`PREDICTION_MARK`) -> overlay PNG (the image inverted too). ``data_root_dir`` (the query folder):
@@ -175,7 +191,7 @@ def prediction_postprocessing(preprocessing: Compose, output_dir: str | Path, ou
 
     keys = ["pred", "image"] if write_overlays else ["pred"]
     xforms: list = [
-        WholeScanStepsd("pred", prior=support_prior, steps=whole_scan_steps),
+        WholeScanStepsd("pred", prior=support_prior, steps=whole_scan_steps, painted=painted_support),
         AsDiscreted("pred", argmax=True),
         Invertd(keys, transform=preprocessing, orig_keys=["image"] * len(keys), nearest_interp=[True, False][:len(keys)],
                 to_tensor=True),

@@ -30,9 +30,10 @@ __all__ = ["support_overrides", "segment_with_bundle", "labelled_slices", "paint
 #: the support is every slice the person painted (``support_slices`` with ``n_support_slices`` None)
 ALL_PAINTED = None
 #: whole-scan steps for a painted support: ``range`` reads the support label's extent as the organ's, which a few
-#: painted slices understate (bench/RESULTS.md "MONAI Label app": ~13 of 25 liver slices labelled), so only the
-#: label-free ``consistency`` step applies
-PAINTED_STEPS: tuple[str, ...] = ("consistency",)
+#: painted slices understate (bench/RESULTS.md "MONAI Label app": ~13 of 25 liver slices labelled), so it is left
+#: out; on the painted scan itself ``anchor`` keeps the painted slices as drawn and the components touching them,
+#: on another scan (``support_image``) ``consistency`` applies
+PAINTED_STEPS: tuple[str, ...] = ("anchor", "consistency")
 
 
 def is_bundle(folder: str | Path) -> bool:

@@ -13,6 +13,9 @@ protocol), use only the support scan and the query's intensities:
   slice's prediction is rejected when its mean foreground probability is below ``min_confidence`` or below
   ``relative_confidence`` times the scan's most confident slice, or its area, relative to the slice's body
   area, exceeds ``area_factor`` times the support's largest one.
+- ``anchor`` (own, for a support painted on the query scan itself, as in the MONAI Label app): the labelled
+  slices keep the person's label, and only the 3D components of the prediction that touch it are kept; a
+  query that is not the support scan is left to the next step.
 - ``consistency`` (own): 3D connected components; only the most confident component of each of the
   ``n_anchor`` most confident slices is kept (not the largest one, which is often a false positive,
   bench/RESULTS.md "keep the largest component").
@@ -24,6 +27,7 @@ largest connected component (``KeepLargestConnectedComponent``), no position or 
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from typing import Any, Hashable, Mapping, Optional, Sequence
 
@@ -35,7 +39,7 @@ from scipy import ndimage
 from fsmis_monai.io import FsmisInputError
 from fsmis_monai.pseudolabels import SUPERVOXEL_BODY_THRESHOLD, body_mask_volume
 
-STEPS: tuple[str, ...] = ("range", "presence", "consistency")
+STEPS: tuple[str, ...] = ("range", "presence", "anchor", "consistency")
 #: the steps ``inference.json``, frozen bundles and the evaluation's ``whole`` protocol use by default, chosen
 #: by bench/organ_anywhere.py (bench/RESULTS.md "organ anywhere"): with the shipped Q-Net weights, range +
 #: consistency raised every class of CHAOS-T2 fold 0 (whole 0.417 -> 0.613, 1.14 x EP1); ``presence`` lowered
@@ -49,7 +53,7 @@ def check_steps(steps: Optional[Sequence[str]]) -> tuple[str, ...]:
     unknown = [s for s in out if s not in STEPS]
     if unknown:
         raise ValueError(f"unknown whole-scan step(s) {unknown}; known: {', '.join(STEPS)}")
-    return tuple(s for s in STEPS if s in out)  # one fixed order: range, presence, consistency
+    return tuple(s for s in STEPS if s in out)  # one fixed order: range, presence, anchor, consistency
 
 
 def body_mask(volume: np.ndarray) -> np.ndarray:
@@ -156,6 +160,39 @@ def confident_components(prob: np.ndarray, pred: np.ndarray, n_anchor: int = 3) 
     return np.isin(components, sorted(keep))
 
 
+def anchored_components(pred: np.ndarray, painted: np.ndarray, growth: int = 1) -> np.ndarray:
+    """``anchor`` step: bool ``[H, W, D]``. The slices of ``painted`` (the support label drawn on this very
+    scan, ``[H, W, D]``) holding a voxel take the label as drawn (a person's label is the truth there); from
+    them the organ is followed slice by slice away from the drawn ones: a slice keeps the predicted pixels
+    within ``growth`` pixels of the previous slice's kept mask, and the following stops at the first slice
+    that keeps none. The organ is the one the person pointed at: a look-alike elsewhere in the scan (the other
+    kidney) and a neighbour the prediction runs into over a few slices are dropped."""
+    painted = np.asarray(painted, bool)
+    pred = np.asarray(pred, bool)
+    drawn = np.flatnonzero(painted.any(axis=(0, 1)))
+    out = np.zeros_like(pred)
+    if drawn.size == 0:
+        return out
+    out[..., drawn] = painted[..., drawn]
+    ring = ndimage.generate_binary_structure(2, 1)
+    depth = pred.shape[-1]
+    for start, step in ((int(drawn[-1]), 1), (int(drawn[0]), -1)):
+        z = start + step
+        while 0 <= z < depth and not painted[..., z].any():
+            allowed = ndimage.binary_dilation(out[..., z - step], ring, iterations=max(int(growth), 0)) \
+                if growth > 0 else out[..., z - step]
+            out[..., z] = pred[..., z] & allowed
+            if not out[..., z].any():
+                break
+            z += step
+    # slices between two drawn slices: the prediction, within reach of either neighbour
+    for z in range(int(drawn[0]) + 1, int(drawn[-1])):
+        if not painted[..., z].any():
+            reach = ndimage.binary_dilation(out[..., z - 1] | painted[..., z + 1], ring, iterations=max(int(growth), 1))
+            out[..., z] = pred[..., z] & reach
+    return out
+
+
 @dataclass(frozen=True)
 class WholeScanSteps:
     """The chosen steps and their settings: ``steps(prob, image, prior) -> pred``.
@@ -167,6 +204,9 @@ class WholeScanSteps:
             probability of a slice's prediction, absolute and relative to the scan's most confident slice;
             predicted area over the support's largest, both relative to the body area).
         n_anchor: ``consistency`` anchor slices.
+
+    ``anchor`` applies when a painted mask is given (the query is the support scan) and then replaces
+    ``consistency``; without one, ``consistency`` (if chosen) runs.
     """
 
     steps: tuple[str, ...] = DEFAULT_STEPS
@@ -179,13 +219,18 @@ class WholeScanSteps:
     def __post_init__(self) -> None:
         object.__setattr__(self, "steps", check_steps(self.steps))
 
-    def __call__(self, prob: np.ndarray, image: np.ndarray, prior: Optional[SupportPrior]) -> np.ndarray:
+    def __call__(self, prob: np.ndarray, image: np.ndarray, prior: Optional[SupportPrior],
+                 painted: Optional[np.ndarray] = None) -> np.ndarray:
         """Binary prediction ``[H, W, D]`` from foreground probabilities ``prob`` ``[H, W, D]`` (in [0, 1];
         a pixel is foreground when ``prob > 0.5``, the argmax) and the query's intensities ``image``
-        ``[H, W, D]`` (for its body mask). ``prior`` is needed by ``range`` and ``presence``."""
+        ``[H, W, D]`` (for its body mask). ``prior`` is needed by ``range`` and ``presence``; ``painted``
+        (``[H, W, D]``, the support label when the query is the support scan) by ``anchor``."""
         prob = np.asarray(prob, dtype=np.float32)
         pred = prob > 0.5
-        if not self.steps or not pred.any():
+        anchored = "anchor" in self.steps and painted is not None
+        if anchored and np.shape(painted) != pred.shape:
+            raise ValueError(f"anchor: painted mask {np.shape(painted)} is not on the prediction's grid {pred.shape}")
+        if not self.steps or not (pred.any() or anchored):
             return pred
         if prior is None and {"range", "presence"} & set(self.steps):
             raise ValueError("the range and presence steps need the support's prior (SupportPrior)")
@@ -195,6 +240,8 @@ class WholeScanSteps:
         if "presence" in self.steps:
             pred &= slice_presence(prob, pred, prior, body, self.min_confidence, self.relative_confidence,
                                    self.area_factor)[None, None, :]
+        if anchored:
+            return anchored_components(pred, painted)
         if "consistency" in self.steps and pred.any():
             pred = confident_components(prob, pred, self.n_anchor)
         return pred
@@ -208,25 +255,42 @@ class WholeScanStepsd(MapTransform):
     Args:
         prior: the support's :class:`SupportPrior` or its :meth:`~SupportPrior.to_dict` (a frozen bundle's).
         steps: names from :data:`STEPS`; empty: the logits pass through unchanged.
+        painted: for ``anchor``, ``{"image": support scan file, "mask": its label [H, W, D] on the network's
+            grid}`` (:func:`fsmis_monai.engines.inference.load_painted_support`); used for the query whose file
+            (``image_key``'s ``filename_or_obj``; a symbolic or hard link to it counts) is that support scan.
     """
 
     def __init__(self, keys: str | Sequence[Hashable] = "pred", prior: Optional[SupportPrior | Mapping] = None,
-                 steps: Optional[Sequence[str]] = DEFAULT_STEPS, image_key: str = "image") -> None:
+                 steps: Optional[Sequence[str]] = DEFAULT_STEPS, image_key: str = "image",
+                 painted: Optional[Mapping[str, Any]] = None) -> None:
         super().__init__(keys)
         self.prior = SupportPrior.from_dict(prior) if isinstance(prior, Mapping) else prior
         self.steps = WholeScanSteps(tuple(steps or ()))
         self.image_key = image_key
+        self.painted = painted
+
+    def _painted_mask(self, image: Any) -> Optional[np.ndarray]:
+        """The support label when ``image`` (a query MetaTensor) is read from the support scan's file."""
+        if not self.painted:
+            return None
+        source = getattr(image, "meta", {}).get("filename_or_obj")
+        try:  # the same file, also through a symbolic or hard link (the app links each query into a folder)
+            same = bool(source) and os.path.samefile(str(source), str(self.painted["image"]))
+        except OSError:
+            same = False
+        return np.asarray(self.painted["mask"], bool) if same else None
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         d = dict(data)
         if not self.steps.steps:
             return d
         image = d[self.image_key]
+        painted = self._painted_mask(image)
         image = np.asarray(image.detach().cpu() if isinstance(image, torch.Tensor) else image)[0]
         for key in self.key_iterator(d):
             logits = d[key]
             prob = torch.softmax(torch.as_tensor(logits).detach().float().cpu(), dim=0)[1].numpy()
-            kept = torch.as_tensor(self.steps(prob, image, self.prior))
+            kept = torch.as_tensor(self.steps(prob, image, self.prior, painted))
             onehot = torch.stack([~kept, kept]).to(logits.dtype if isinstance(logits, torch.Tensor) else torch.float32)
             if hasattr(logits, "copy_meta_from"):  # keep the MetaTensor's geometry and transform trace
                 onehot = type(logits)(onehot)

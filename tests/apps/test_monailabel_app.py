@@ -38,6 +38,7 @@ import torch  # noqa: E402
 from monai.bundle import ConfigParser  # noqa: E402
 
 from _real_scans import chaos_window  # noqa: E402
+from fsmis_monai.engines.interactive import PAINTED_STEPS  # noqa: E402
 from fsmis_monai.io import save_nifti  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -187,7 +188,8 @@ def _painted_support_run(site, tmp: Path, query: int) -> np.ndarray:
     label read as the user's own mask), segmenting chaos_``query``."""
     return _bundle_run(tmp, site["crops"] / f"image_{query}.nii.gz", {
         "support_image": str(site["crops"] / "image_1.nii.gz"), "support_label": str(site["liver_only"]),
-        "support_class": 1, "n_support_slices": None, "dataset_name": None, "whole_scan_steps": ["consistency"],
+        "support_class": 1, "n_support_slices": None, "dataset_name": None,
+        "whole_scan_steps": list(PAINTED_STEPS),
         "ckpt_path": str(site["ckpt"]),
         **SETTINGS})
 

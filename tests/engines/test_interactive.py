@@ -40,7 +40,8 @@ def test_labelled_slices_counts_along_the_contract_slice_axis(tmp_path):
 def test_support_overrides_read_the_painted_value_on_every_painted_slice():
     o = support_overrides("img.nii.gz", "lbl.nii.gz", 2)
     assert o["support_class"] == 2 and o["n_support_slices"] is None and o["dataset_name"] is None
-    assert o["whole_scan_steps"] == ["consistency"]  # a painted label does not give the organ's slice range
+    # a painted label does not give the organ's slice range; on the painted scan the paint anchors the organ
+    assert o["whole_scan_steps"] == ["anchor", "consistency"]
 
 
 def test_segment_with_bundle_refuses_a_folder_without_inference_json_or_a_missing_query(tmp_path):

@@ -9,6 +9,10 @@ answer, and their equality across evaluation and inference:
   left and the step rejects every slice; with the liver, exactly the liver is kept;
 - ``consistency``: the liver plus a larger, less confident false-positive blob: the step keeps the liver,
   where MONAI's ``KeepLargestConnectedComponent`` keeps the blob;
+- ``anchor``: a hand-built volume whose answer is drawn by construction (a shrinking disc painted on one
+  slice, a look-alike disc elsewhere, a neighbour touching the organ's end and one out of reach): the painted
+  slice is the paint, the look-alike and the unreachable neighbour are dropped; the transform applies it only
+  to the query read from the painted scan's file (through a link, as the app's query folder holds it);
 - the evaluator's ``whole`` protocol (``assemble``) and the inference post-processing (``WholeScanStepsd`` in
   ``prediction_postprocessing``) give the same voxels from the same logits.
 """
@@ -26,7 +30,7 @@ from fsmis_monai.data.registry import get_dataset
 from fsmis_monai.evaluation.evaluator import assemble, load_scan
 from fsmis_monai.evaluation.protocols import make_plan
 from fsmis_monai.transforms.whole_scan import (DEFAULT_STEPS, STEPS, SupportPrior, WholeScanSteps, WholeScanStepsd,
-                                               body_mask, check_steps, slice_range)
+                                               anchored_components, body_mask, check_steps, slice_range)
 
 LIVER = 1
 
@@ -133,3 +137,67 @@ def test_blank_query_maps_the_range_onto_the_whole_stack():
     assert not body.any()
     inside = slice_range(SupportPrior(0.5, 0.6, 0.1), body, margin=0.0)
     np.testing.assert_array_equal(np.flatnonzero(inside), [5])  # 0.5 * 9 = 4.5 .. 0.6 * 9 = 5.4 of slices 0..9
+
+
+def _disc(shape, centre, radius):
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius**2
+
+
+def _painted_case():
+    """pred, painted, expected ``[32, 32, 10]``: organ discs at (10, 10), radius 5 on slice 4 shrinking by 1 per
+    slice to slice 8 and from slice 4 down to slice 1 (radius 2); a look-alike disc at (24, 24) on slices 2-7;
+    on slice 9 a blob touching the organ's slice-8 disc (kept: the organ's end as predicted) and one 6 px away
+    from it (dropped); the paint on slice 4 a disc of radius 4 (the person's outline, not the prediction's)."""
+    shape, pred = (32, 32, 10), np.zeros((32, 32, 10), bool)
+    expected = np.zeros_like(pred)
+    for z, r in {1: 2, 2: 3, 3: 4, 4: 5, 5: 4, 6: 3, 7: 2, 8: 1}.items():
+        pred[..., z] = _disc(shape, (10, 10), r)
+        expected[..., z] = pred[..., z]
+    for z in range(2, 8):
+        pred[..., z] |= _disc(shape, (24, 24), 3)
+    near, far = _disc(shape, (10, 11), 1), _disc(shape, (10, 17), 1)
+    pred[..., 9] = near | far
+    expected[..., 9] = near
+    painted = np.zeros_like(pred)
+    painted[..., 4] = _disc(shape, (10, 10), 4)
+    expected[..., 4] = painted[..., 4]
+    return pred, painted, expected
+
+
+def test_anchor_keeps_the_painted_organ_and_the_paint():
+    pred, painted, expected = _painted_case()
+    np.testing.assert_array_equal(anchored_components(pred, painted), expected)
+    # no growth between slices: a slice keeps only what lies inside the previous slice's kept mask, so the
+    # shrinking organ is kept whole and of the end blob only its overlap with the slice-8 disc
+    no_growth = expected.copy()
+    no_growth[..., 9] &= expected[..., 8]
+    assert 0 < no_growth[..., 9].sum() < expected[..., 9].sum()
+    np.testing.assert_array_equal(anchored_components(pred, painted, growth=0), no_growth)
+    prob = np.where(pred, 0.9, 0.1).astype(np.float32)
+    image = np.zeros(pred.shape, np.float32)
+    np.testing.assert_array_equal(WholeScanSteps(("anchor", "consistency"))(prob, image, None, painted), expected)
+    # no paint (a query that is not the painted scan): consistency decides
+    kept = WholeScanSteps(("anchor", "consistency"))(prob, image, None)
+    np.testing.assert_array_equal(kept, WholeScanSteps(("consistency",))(prob, image, None))
+    with pytest.raises(ValueError, match="not on the prediction's grid"):
+        WholeScanSteps(("anchor",))(prob, image, None, painted[:-1])
+
+
+def test_anchor_applies_to_the_painted_scans_file_only(tmp_path):
+    from monai.data import MetaTensor
+
+    pred, painted, expected = _painted_case()
+    scan = tmp_path / "scan.nii.gz"
+    scan.write_bytes(b"")
+    link = tmp_path / "queries" / "scan.nii.gz"
+    link.parent.mkdir()
+    link.symlink_to(scan)
+    logits = torch.stack([torch.zeros(pred.shape), torch.as_tensor(np.where(pred, 2.0, -2.0))])
+    steps = WholeScanStepsd("pred", steps=["anchor", "consistency"], painted={"image": str(scan), "mask": painted})
+    for source, want in ((link, expected), (tmp_path / "other.nii.gz", None)):
+        image = MetaTensor(torch.zeros((1, *pred.shape)), meta={"filename_or_obj": str(source)})
+        out = steps({"pred": logits, "image": image})["pred"].argmax(0).numpy().astype(bool)
+        if want is None:
+            want = WholeScanSteps(("consistency",))(np.where(pred, 0.9, 0.1), np.zeros(pred.shape), None)
+        np.testing.assert_array_equal(out, want)
