@@ -25,7 +25,7 @@ import csv
 import json
 import shutil
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 PROTOCOLS = ["ep1", "whole"]
@@ -90,6 +90,7 @@ def key_metrics(results: Dict[str, dict], args: argparse.Namespace, record: dict
         "encoder": record.get("encoder"), "initialisation": "random (no pretrained weights)",
         "iterations": iterations, "cpu_hours": args.cpu_hours, "threads": 1,
         "training_command": args.command,
+        **({"remark": args.remark} if args.remark else {}),
     }
 
 
@@ -109,7 +110,7 @@ def readme_section(method: str, key_metrics: Dict[str, dict]) -> str:
         classes = list(m["protocols"]["ep1"]["classes"])
         lines += [f"`{m['file']}`: {m['dataset']} fold {m['fold']} (support scan {m['support_scan']}, query scans "
                   f"{', '.join(map(str, m['query_scans']))}), encoder `{m['encoder']}`, {m['iterations']} iterations, "
-                  f"{m['cpu_hours']:.2f} CPU hours.", "",
+                  f"{m['cpu_hours']:.2f} CPU hours." + (f" {m['remark']}" if m.get("remark") else ""), "",
                   "| Dice | " + " | ".join(classes) + " | mean |", "|---|" + "---|" * (len(classes) + 1)]
         for p in ("ep1", "whole"):
             trained, floor = m["protocols"][p], m["support_copy_floor"][p]
@@ -135,32 +136,37 @@ def write_readme_section(bundle: Path, method: str, key_metrics: Dict[str, dict]
     readme.write_text(text)
 
 
-def curve(run_dir: Path) -> List[tuple]:
-    """(iteration, held-out EP1 mean) along the run: ``bench/encoder_curves.py``'s ``curve.jsonl`` or the bundle's
-    ``FewShotValidation`` summaries (``validation/iteration_<N>/summary.json``)."""
+def curve(run_dir: Path) -> Tuple[List[tuple], str]:
+    """(iteration, held-out mean Dice) along the run and the protocol it was measured with:
+    ``bench/encoder_curves.py``'s ``curve.jsonl`` (EP1) or the bundle's ``FewShotValidation`` summaries
+    (``validation/iteration_<N>/summary.json``: the bundle's ``val_protocols``, EP1 where measured, else the first,
+    e.g. SSL-ALPNet's ``alp``)."""
     if (run_dir / "curve.jsonl").is_file():
         rows = [json.loads(line) for line in (run_dir / "curve.jsonl").read_text().splitlines() if line.strip()]
-        return sorted({r["iteration"]: r["ep1"]["mean"] for r in rows}.items())
-    points = []
+        return sorted({r["iteration"]: r["ep1"]["mean"] for r in rows}.items()), "ep1"
+    points, protocol = [], "ep1"
     for f in sorted((run_dir / "validation").glob("iteration_*/summary.json")):
-        s = json.loads(f.read_text())
-        points.append((int(f.parent.name.split("_")[1]), s["protocols"]["ep1"]["mean"]))
-    return sorted(points)
+        measured = json.loads(f.read_text())["protocols"]
+        protocol = "ep1" if "ep1" in measured else next(iter(measured))
+        points.append((int(f.parent.name.split("_")[1]), measured[protocol]["mean"]))
+    return sorted(points), protocol
 
 
-def plot_curve(points: List[tuple], floor: float, final: tuple, path: Path, title: str) -> None:
+def plot_curve(points: List[tuple], protocol: str, floor: float, final: tuple, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    if final not in points:
+    if protocol == "ep1" and final not in points:
         points = sorted(points + [final])
-    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label="held-out EP1 mean Dice")
-    ax.axhline(floor, color="grey", linestyle="--", label="support_copy (no learning)")
+    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"held-out {protocol.upper()} mean Dice")
+    if protocol != "ep1":
+        ax.plot([final[0]], [final[1]], marker="*", markersize=12, linestyle="none", label="shipped file, EP1")
+    ax.axhline(floor, color="grey", linestyle="--", label="support_copy (no learning), EP1")
     ax.set_xlabel("training iteration (episodes)")
-    ax.set_ylabel("EP1 mean Dice")
+    ax.set_ylabel("mean Dice")
     ax.set_ylim(0, 1)
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -181,6 +187,8 @@ def main() -> None:
     parser.add_argument("--variant", default="", help="ship under models/<variant>/ (e.g. cmr_bssfp); '' = models/")
     parser.add_argument("--cpu-hours", type=float, required=True, help="training CPU time of the run (one thread)")
     parser.add_argument("--command", required=True, help="the command that trained the run")
+    parser.add_argument("--remark", default="", help="one sentence on how the run departs from the paper's recipe "
+                        "beyond encoder and initialisation (e.g. the self-supervision), kept in key_metrics and the README")
     parser.add_argument("--no-ship", action="store_true", help="measure and print only")
     args = parser.parse_args()
 
@@ -204,7 +212,8 @@ def main() -> None:
     results["untrained"] = evaluate_run(untrained, None, args, work / "untrained", family, seed)
     results["support_copy"] = evaluate_run(build_method("support_copy"), None, args, work / "support_copy", family, seed)
     print(table(results))
-    iterations = max([p[0] for p in curve(args.run_dir)] + [0])
+    points, protocol = curve(args.run_dir)
+    iterations = max([p[0] for p in points] + [0])
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     n_params = sum(v.numel() for v in state.values() if torch.is_tensor(v))
     print(f"\n{args.method}: {record.get('encoder')} encoder, {n_params / 1e6:.2f} M values, "
@@ -236,7 +245,7 @@ def main() -> None:
     write_readme_section(bundle, args.method, meta["key_metrics"])
     final = (iterations, metrics["protocols"]["ep1"]["mean_dice"])
     name = f"learning_curve_{args.variant}.png" if args.variant else "learning_curve.png"
-    plot_curve(curve(args.run_dir), metrics["support_copy_floor"]["ep1"]["mean_dice"], final, bundle / "docs" / name,
+    plot_curve(points, protocol, metrics["support_copy_floor"]["ep1"]["mean_dice"], final, bundle / "docs" / name,
                f"{args.method} ({record.get('encoder')}), {args.dataset} fold {args.fold}, CPU-trained")
     print(f"shipped {dest / 'model.pt'}; key_metrics in {source.relative_to(REPO)}; curve in docs/{name}")
 
