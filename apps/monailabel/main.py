@@ -5,7 +5,7 @@
 ``--conf`` keys (MONAI Label passes them as strings):
 
 - ``bundle``: comma-separated bundle names (``bundles/<name>`` of this project, e.g. ``qnet,adnet``) or folders;
-  default ``ssl_alpnet``. Task names: ``fsmis_<bundle folder name>``.
+  default :data:`DEFAULT_BUNDLE`. Task names: ``fsmis_<bundle folder name>``.
 - ``ckpt_path``: weights (one bundle only); default each bundle's ``models/model.pt``.
 - ``frozen``: comma-separated folders written by ``fsmis freeze`` that requests may use (``params.frozen``).
 - ``set``: JSON object of ``inference.json`` keys for every request, e.g. ``{"encoder": "small"}`` for weights
@@ -37,6 +37,9 @@ from fsmis_monai.resources import shipped_dir  # noqa: E402
 
 logger = logging.getLogger(__name__)
 TASK_PREFIX = "fsmis_"
+#: the bundle served without ``--conf bundle``: the shipped weights that segment best from a painted slice
+#: (bench/RESULTS.md "MONAI Label app": Q-Net 0.818 organ-slice Dice, SSL-ALPNet 0.780, copy floor 0.694)
+DEFAULT_BUNDLE = "qnet"
 
 
 def bundle_folder(name: str) -> Path:
@@ -54,7 +57,7 @@ class FewShotApp(MONAILabelApp):
     """Serves :class:`lib.infers.fewshot.FewShotInfer` for each bundle of ``--conf bundle``."""
 
     def __init__(self, app_dir: str, studies: str, conf: Dict[str, str]) -> None:
-        self.bundles = [bundle_folder(b.strip()) for b in conf.get("bundle", "ssl_alpnet").split(",") if b.strip()]
+        self.bundles = [bundle_folder(b.strip()) for b in conf.get("bundle", DEFAULT_BUNDLE).split(",") if b.strip()]
         ckpt = conf.get("ckpt_path")
         if ckpt and len(self.bundles) != 1:
             raise FsmisInputError("--conf ckpt_path names the weights of one bundle; give one bundle with it")
