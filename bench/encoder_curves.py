@@ -41,6 +41,9 @@ CONFIGS: Dict[str, dict] = {
     "dilated_decay": {"encoder": "small_dilated", "schedule": "decay", "lr": 0.01},
     "wide_decay": {"encoder": "small_wide", "schedule": "decay", "lr": 0.01},
     "dilated_decay_128": {"encoder": "small_dilated", "schedule": "decay", "lr": 0.01, "image_size": 128},
+    # at the 128 px that won: is it the encoder or the size? (the plain and the widened small encoder)
+    "small_decay_128": {"encoder": "small", "schedule": "decay", "lr": 0.01, "image_size": 128},
+    "wide_decay_128": {"encoder": "small_wide", "schedule": "decay", "lr": 0.01, "image_size": 128},
 }
 BASELINE = "small_const"
 
