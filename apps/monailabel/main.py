@@ -99,6 +99,17 @@ class FewShotApp(MONAILabelApp):
         an empty path)."""
         image = request.get("image")
         store = datastore if datastore else self.datastore()
-        if isinstance(image, str) and not os.path.exists(image) and not store.get_image_uri(image):
-            raise HTTPException(status_code=404, detail=f"image {image!r}: no such image in the datastore")
+        if isinstance(image, str) and not os.path.exists(image):
+            if not store.get_image_uri(image):
+                raise HTTPException(status_code=404, detail=f"image {image!r}: no such image in the datastore")
+            request = {**request, "image_id": image}  # MONAI Label replaces "image" by the file; the task names it
         return super().infer(request, datastore)
+
+    def batch_infer(self, request: Dict[str, Any], datastore: Any = None) -> Dict[str, Any]:
+        """MONAI Label's batch infer, on a machine without GPU defaulting to ``multi_gpu`` false and ``device``
+        cpu (MONAI Label 0.8.5 divides by the GPU count otherwise: an HTTP 500 without a reason)."""
+        import torch
+
+        if not torch.cuda.is_available():
+            request = {"multi_gpu": False, "device": "cpu", **request}
+        return super().batch_infer(request, datastore)

@@ -208,7 +208,9 @@ def freeze_bundle(bundle: Path, support_image: Path, support_label: Path, suppor
     if protocol not in PROTOCOL_SLICES:
         raise FsmisInputError(f"protocol {protocol!r}: choose one of {sorted(PROTOCOL_SLICES)}")
     ckpt_path = Path(ckpt_path) if ckpt_path is not None else bundle / "models" / "model.pt"
-    method_def, parser = method_definition(bundle, overrides or {})
+    # the network in the layout the weights record (inference.json reads it from @ckpt_path), not the bundle's
+    # own shipped model.pt's
+    method_def, parser = method_definition(bundle, {"ckpt_path": str(ckpt_path), **(overrides or {})})
     if dataset == "bundle":
         dataset = parser.get_parsed_content("dataset_name")
     defaults = {k: parser[k] for k in ("normalization",) if k in parser}

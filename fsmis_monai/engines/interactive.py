@@ -25,7 +25,8 @@ import numpy as np
 
 from fsmis_monai.io import FsmisInputError
 
-__all__ = ["support_overrides", "segment_with_bundle", "labelled_slices", "painted_value", "is_bundle"]
+__all__ = ["support_overrides", "segment_with_bundle", "labelled_slices", "restore_painted", "painted_value",
+           "is_bundle"]
 
 #: the support is every slice the person painted (``support_slices`` with ``n_support_slices`` None)
 ALL_PAINTED = None
@@ -99,17 +100,46 @@ def segment_with_bundle(bundle: str | Path, query: str | Path, output_dir: str |
     return out
 
 
+def _slice_axis(img: nib.Nifti1Image, orientation: Optional[str]) -> int:
+    """The array axis of ``img`` that is the network's slice axis: the one pointing to ``orientation[2]`` (e.g.
+    ``S`` or ``I`` for ``"LAS"``), or the stored last axis without an orientation."""
+    if not orientation:
+        return 2
+    codes = nib.aff2axcodes(img.affine)
+    pair = {"L": "LR", "R": "LR", "A": "AP", "P": "AP", "S": "SI", "I": "SI"}[orientation[2].upper()]
+    return next(i for i, c in enumerate(codes) if c in pair)
+
+
 def labelled_slices(volume: str | Path, orientation: Optional[str] = None, value: Optional[int] = None) -> int:
     """How many slices of the NIfTI ``volume`` hold a voxel ``> 0`` (or ``== value``), slices cut along the
-    array axis that is the network's slice axis: the axis pointing to ``orientation[2]`` (e.g. ``S`` or ``I``
-    for ``"LAS"``, the data contract's orientation) or, without an orientation, the stored last axis."""
+    array axis that is the network's slice axis (:func:`_slice_axis`: the axis pointing to ``orientation[2]``,
+    e.g. ``S`` or ``I`` for ``"LAS"``, the data contract's orientation; without one, the stored last axis)."""
     img = nib.load(str(volume))
     data = np.asarray(img.dataobj)
     mask = data > 0 if value is None else data == value
-    axis = 2
-    if orientation:
-        codes = nib.aff2axcodes(img.affine)
-        pair = {"L": "LR", "R": "LR", "A": "AP", "P": "AP", "S": "SI", "I": "SI"}[orientation[2].upper()]
-        axis = next(i for i, c in enumerate(codes) if c in pair)
+    axis = _slice_axis(img, orientation)
     other = tuple(a for a in range(mask.ndim) if a != axis)
     return int(mask.any(axis=other).sum())
+
+
+def restore_painted(prediction: str | Path, label: str | Path, value: int, orientation: Optional[str] = None) -> Path:
+    """Rewrite ``prediction`` (a 0/1 NIfTI on the painted scan's grid) so that every painted slice (a slice of
+    ``label`` holding ``value``, cut along the network's slice axis, :func:`_slice_axis`) is exactly the paint.
+
+    Why: the ``anchor`` step keeps the paint on the model's grid (e.g. 128 px), and ``Invertd``'s resampling
+    back to the scan moves its outline by a pixel or two; a person expects the slice they drew back as drawn.
+    Raises :class:`FsmisInputError` when the two files' shapes differ."""
+    pred_img, paint_img = nib.load(str(prediction)), nib.load(str(label))
+    pred, painted = np.asarray(pred_img.dataobj).copy(), np.asarray(paint_img.dataobj) == value
+    if pred.shape[:3] != painted.shape[:3]:
+        raise FsmisInputError(f"{label}: shape {painted.shape} differs from the prediction's {pred.shape}")
+    axis = _slice_axis(paint_img, orientation)
+    drawn = painted.any(axis=tuple(a for a in range(painted.ndim) if a != axis))
+    index = [slice(None)] * pred.ndim
+    index[axis] = drawn
+    pred[tuple(index)] = painted[tuple(index)].astype(pred.dtype)
+    out = Path(prediction)
+    tmp = out.with_name(out.name + ".part.nii.gz")
+    nib.save(nib.Nifti1Image(pred, pred_img.affine, pred_img.header), str(tmp))
+    tmp.replace(out)  # atomic: the file is the old prediction or the new one, never half written
+    return out

@@ -221,8 +221,13 @@ def test_slicer_request_matches_inference_json(site, tmp_path):
     assert result.shape == image.shape and np.allclose(result.affine, image.affine)
     expected = _painted_support_run(site, tmp_path, query=1)
     got = np.asarray(result.dataobj)
-    assert np.array_equal(got, expected)
-    assert params["painted_slices"] == 1
+    # the painted slice comes back exactly as painted (the crops' slice axis is the stored last one), every
+    # other slice is inference.json's prediction
+    z, paint = site["z"], np.asarray(nib.load(site["liver_only"]).dataobj) == 1
+    assert np.array_equal(got[..., z], paint[..., z].astype(got.dtype))
+    others = np.arange(got.shape[-1]) != z
+    assert np.array_equal(got[..., others], expected[..., others])
+    assert params["painted_slices"] == 1 and params["support_image"] == "chaos_1"
     assert params["labelled_slices"] == int((got > 0).any(axis=(0, 1)).sum())
 
 
@@ -257,12 +262,14 @@ def test_bad_requests_get_a_one_line_reason(site, tmp_path):
         (f"/infer/{TASK}?image=chaos_1", None, 422, "no label uploaded"),
         (f"/infer/{TASK}?image=chaos_1", empty, 422, "is empty"),
         (f"/infer/{TASK}?image=chaos_1", small, 422, "shape (8, 8, 4) differs"),
+        (f"/infer/{TASK}?image=chaos_1", small, 422, "params.support_image"),  # the other use, named
         (f"/infer/{TASK}?image=chaos_1", not_nifti, 422, "not a NIfTI image"),
         (f"/infer/{TASK}?image=nobody", site["painted"], 404, "'nobody': no such image"),
     ]
     for path, label, code, reason in cases:
         status, detail = _refusal(site, path, _slicer_params(site), label)
         assert (status, "\n" in detail) == (code, False) and reason in detail, (path, label, status, detail)
+        assert "/tmp" not in detail, detail  # never the server's temp-file name of the upload
     # a segment Slicer names that the label does not hold
     status, detail = _refusal(site, f"/infer/{TASK}?image=chaos_1",
                               {**_slicer_params(site), "selected_label_name": "kidney"}, site["painted"])
@@ -295,8 +302,9 @@ def test_batch_applies_a_saved_label_to_every_other_image(site, tmp_path):
     r.read()
     req = urllib.request.Request(
         f"{site['url']}/batch/infer/{TASK}?images=unlabeled&run_sync=true", method="POST",
-        # multi_gpu false: MONAI Label 0.8.5's batch infer divides by the GPU count otherwise
-        data=json.dumps({"support_image": "chaos_1", "support_class": 1, "multi_gpu": False, "device": "cpu"}).encode(),
+        # no multi_gpu / device keys: the app defaults them on a machine without GPU (MONAI Label 0.8.5's batch
+        # infer divides by the GPU count otherwise)
+        data=json.dumps({"support_image": "chaos_1", "support_class": 1}).encode(),
         headers={"content-type": "application/json"})
     with urllib.request.urlopen(req, timeout=STARTUP_S) as r:
         assert r.status == 200

@@ -4,6 +4,7 @@ whole path through a real server is ``tests/apps/test_monailabel_app.py``."""
 
 from __future__ import annotations
 
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -65,3 +66,27 @@ def test_every_painted_slice_is_a_support_slice(tmp_path):
     label = save_nifti(tmp_path / "painted.nii.gz", painted, affine=np.eye(4))
     images, masks, picks = support_slices(image, label, 3, None)
     assert picks == [1, 2, 4] and images.shape == (3, 3, 16, 16) and int(masks.sum()) == 3 * 25
+
+
+def test_restore_painted_puts_back_the_drawn_slices_along_the_slice_axis(tmp_path):
+    """A prediction whose painted slice was resampled (outline moved) gets the paint back on that slice only;
+    the slice axis is the one pointing S/I, also when it is the stored first axis."""
+    from fsmis_monai.engines.interactive import restore_painted
+
+    rng = np.random.default_rng(0)
+    for affine, axis in ((np.diag([-1.0, 1.0, 1.0, 1.0]), 2),  # LAS: slices along the last axis
+                         (np.array([[0, 0, -1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], float), 0)):  # S first
+        pred = (rng.random((6, 5, 4)) > 0.5).astype(np.uint8)
+        paint = np.zeros((6, 5, 4), np.uint8)
+        index = [slice(None)] * 3
+        index[axis] = 1
+        paint[tuple(index)] = (rng.random(paint[tuple(index)].shape) > 0.3) * 3  # the painted segment's value 3
+        pred_file, paint_file = tmp_path / f"pred{axis}.nii.gz", tmp_path / f"paint{axis}.nii.gz"
+        nib.save(nib.Nifti1Image(pred, affine), str(pred_file))
+        nib.save(nib.Nifti1Image(paint, affine), str(paint_file))
+        restore_painted(pred_file, paint_file, 3, "LAS")
+        got = np.asarray(nib.load(str(pred_file)).dataobj)
+        want = pred.copy()
+        want[tuple(index)] = paint[tuple(index)] == 3
+        np.testing.assert_array_equal(got, want)
+        assert not (tmp_path / f"pred{axis}.nii.gz.part.nii.gz").exists()

@@ -19,8 +19,10 @@ Request (``POST /infer/<task>?image=<id>``, multipart ``params`` + ``label``):
   bundle configs execute Python, so a request cannot name any folder of the server's disk.
 - ``params.keep_largest_component``: bool.
 
-Result: a uint8 0/1 NIfTI in the image's geometry; params ``labelled_slices`` (slices of the result that hold
-the organ), ``painted_slices``, ``support_image``, ``bundle``, ``weights``.
+Result: a uint8 0/1 NIfTI in the image's geometry: ``inference.json``'s prediction, the slices painted on this
+very image replaced by the paint as drawn (:func:`~fsmis_monai.engines.interactive.restore_painted`); params
+``labelled_slices`` (slices of the result that hold the organ), ``painted_slices``, ``support_image`` (an image
+id), ``bundle``, ``weights``.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from fsmis_monai.engines.interactive import (
     is_bundle,
     labelled_slices,
     painted_value,
+    restore_painted,
     segment_with_bundle,
     support_overrides,
 )
@@ -59,7 +62,8 @@ def _nifti(path: str, what: str) -> nib.Nifti1Image:
     try:
         return nib.load(path)
     except Exception as e:  # nibabel raises several types for a file that is not an image
-        raise _refuse(422, f"{what}: not a NIfTI image ({type(e).__name__}: {e})") from e
+        reason = str(e).replace(str(path), what)  # the server's temp-file name means nothing to the user
+        raise _refuse(422, f"{what}: not a NIfTI image ({type(e).__name__}: {reason})") from e
 
 
 class FewShotInfer(InferTask):
@@ -115,7 +119,9 @@ class FewShotInfer(InferTask):
         painted = np.asarray(_nifti(str(label), name).dataobj)
         shape, want = painted.shape[:3], _nifti(image, "image").shape[:3]
         if painted.ndim < 3 or shape != want:
-            raise _refuse(422, f"{name}: shape {tuple(painted.shape)} differs from the image's {tuple(want)}")
+            hint = "" if support_id else ("; paint on this image, or name the image the label was painted on with "
+                                          "params.support_image")
+            raise _refuse(422, f"{name}: shape {tuple(painted.shape)} differs from the image's {tuple(want)}{hint}")
         values = sorted(int(v) for v in np.unique(painted) if v != 0)
         if not values:
             raise _refuse(422, f"{name} is empty: paint the organ on at least one slice")
@@ -158,7 +164,7 @@ class FewShotInfer(InferTask):
         else:
             image, label, value, label_name = self._support(request, query)
             overrides.update(support_overrides(image, label, value))
-            result.update(support_image=request.get("support_image") or Path(query).name,
+            result.update(support_image=request.get("support_image") or request.get("image_id") or Path(query).name,
                           painted_slices=labelled_slices(label, self.orientation, value))
         with tempfile.TemporaryDirectory(prefix="fsmis_label_") as out_dir:
             try:
@@ -166,6 +172,8 @@ class FewShotInfer(InferTask):
             except FsmisInputError as e:
                 reason = str(e).replace(str(request.get("label")), label_name) if label_name else str(e)
                 raise _refuse(422, reason) from e
+            if label_name and Path(image) == Path(query):  # painted on this very scan: those slices as drawn
+                restore_painted(pred, label, value, self.orientation)
             result["labelled_slices"] = labelled_slices(pred, self.orientation)
             # the server deletes the result file once sent (monailabel.endpoints.infer.send_response)
             handle, out = tempfile.mkstemp(prefix="fsmis_", suffix=".nii.gz")
