@@ -23,7 +23,7 @@ from typing import Any, Mapping, Optional, Sequence
 import nibabel as nib
 import numpy as np
 
-from fsmis_monai.io import FsmisInputError
+from fsmis_monai.io import FsmisInputError, atomic_path
 
 __all__ = ["support_overrides", "segment_with_bundle", "labelled_slices", "restore_painted", "painted_value",
            "is_bundle"]
@@ -139,7 +139,6 @@ def restore_painted(prediction: str | Path, label: str | Path, value: int, orien
     index[axis] = drawn
     pred[tuple(index)] = painted[tuple(index)].astype(pred.dtype)
     out = Path(prediction)
-    tmp = out.with_name(out.name + ".part.nii.gz")
-    nib.save(nib.Nifti1Image(pred, pred_img.affine, pred_img.header), str(tmp))
-    tmp.replace(out)  # atomic: the file is the old prediction or the new one, never half written
+    with atomic_path(out) as tmp:  # the file is the old prediction or the new one, never half written
+        nib.save(nib.Nifti1Image(pred, pred_img.affine, pred_img.header), str(tmp))
     return out

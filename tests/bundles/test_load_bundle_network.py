@@ -39,15 +39,18 @@ def test_small_encoder_checkpoint_loads_whole(tmp_path):
 
 def test_monai_load_without_override_keeps_almost_nothing(tmp_path):
     """The defect the helper exists for (and the README's advice to pass net_override): MONAI's load of the same
-    bundle with the config's paper encoder shares almost no tensor with the checkpoint."""
+    bundle with the config's encoder (since ADNet ships weights, its ``small_dilated``; widths differ from the
+    checkpoint's ``small_wide``) shares almost no tensor with the checkpoint."""
     torch.manual_seed(3)
-    trained = build_method("adnet", encoder="small")
+    trained = build_method("adnet", encoder="small_wide")
     bundle = _bundle_with(trained, tmp_path)
     kwargs = dict(name="adnet", bundle_dir=str(bundle.parent), workflow_type="inference", device="cpu")
     paper = load(**kwargs)
-    same = [k for k, v in trained.state_dict().items() if k in paper.state_dict() and torch.equal(paper.state_dict()[k], v)]
-    assert len(same) < 0.05 * len(paper.state_dict())
-    small = load(**kwargs, net_override={"encoder": "small"})
+    # weight tensors only: BatchNorm's step counters (0) and ADNet's fixed initial threshold are equal anyway
+    weights = {k: v for k, v in trained.state_dict().items() if v.is_floating_point() and v.numel() > 1}
+    same = [k for k, v in weights.items() if k in paper.state_dict() and torch.equal(paper.state_dict()[k], v)]
+    assert len(same) < 0.05 * len(weights)
+    small = load(**kwargs, net_override={"encoder": "small_wide"})
     assert all(torch.equal(small.state_dict()[k], v) for k, v in trained.state_dict().items())
 
 

@@ -89,4 +89,5 @@ def test_restore_painted_puts_back_the_drawn_slices_along_the_slice_axis(tmp_pat
         want = pred.copy()
         want[tuple(index)] = paint[tuple(index)] == 3
         np.testing.assert_array_equal(got, want)
-        assert not (tmp_path / f"pred{axis}.nii.gz.part.nii.gz").exists()
+        assert sorted(f.name for f in tmp_path.iterdir() if f.name.startswith(f"pred{axis}") or ".tmp" in f.name) \
+            == [f"pred{axis}.nii.gz"]  # no temporary left beside it
