@@ -61,18 +61,21 @@ def _table(untrained: dict, trained: dict, protocol: str) -> str:
     return "\n".join(lines)
 
 
-def _shipped_line() -> str:
-    """The shipped Q-Net's held-out figure (its bundle's metadata ``key_metrics``), beside this short run's."""
+def _shipped_line(method: str) -> str:
+    """The held-out figure of the weights shipped with ``method``'s bundle (its metadata ``key_metrics``; Q-Net's
+    when that bundle ships none), beside this short run's."""
     import json
 
-    meta = BUNDLES_DIR / "qnet" / "configs" / "metadata.json"
-    shipped = json.loads(meta.read_text()).get("key_metrics", {}).get("default") if meta.is_file() else None
-    if not shipped:
-        return ""
-    ep1 = shipped["protocols"]["ep1"]["mean_dice"]
-    return (f"\nFor comparison, the shipped Q-Net weights (`bundles/qnet/{shipped['file']}`, {shipped['cpu_hours']:.2f} "
-            f"CPU hours, CHAOS-T2 fold {shipped['fold']}): held-out EP1 mean Dice {ep1:.3f}; segment a scan with "
-            "them: `fsmis demo`.\n")
+    for name in (method, "qnet"):
+        meta = BUNDLES_DIR / name / "configs" / "metadata.json"
+        shipped = json.loads(meta.read_text()).get("key_metrics", {}).get("default") if meta.is_file() else None
+        if shipped:
+            ep1 = shipped["protocols"]["ep1"]["mean_dice"]
+            return (f"\nFor comparison, the shipped {name} weights (`bundles/{name}/{shipped['file']}`, "
+                    f"{shipped['cpu_hours']:.2f} CPU hours, {shipped['iterations']} iterations, CHAOS-T2 fold "
+                    f"{shipped['fold']}): held-out EP1 mean Dice {ep1:.3f}; segment a scan with them: "
+                    f"`fsmis demo --bundle {name}`.\n")
+    return ""
 
 
 def run(args: argparse.Namespace) -> int:
@@ -132,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
               f"{_table(untrained, trained, 'ep1')}\n\nGain of training: {100 * gain:+.1f} Dice points.\n\n"
               f"Overlays: `evaluation_trained/overlays/`, `evaluation_untrained/overlays/`; per-case Dice: "
               f"`evaluation_*/per_case.csv`; TensorBoard: `tensorboard --logdir {out / 'training' / 'tensorboard'}`.\n")
-    report += _shipped_line()
+    report += _shipped_line(args.method)
     write_text(out / "report.md", report)
     print("[4/4] report")
     print(report)
