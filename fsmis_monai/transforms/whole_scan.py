@@ -160,13 +160,16 @@ def confident_components(prob: np.ndarray, pred: np.ndarray, n_anchor: int = 3) 
     return np.isin(components, sorted(keep))
 
 
-def anchored_components(pred: np.ndarray, painted: np.ndarray, growth: int = 1) -> np.ndarray:
+def anchored_components(pred: np.ndarray, painted: np.ndarray, growth: int = 1, min_overlap: float = 0.8) -> np.ndarray:
     """``anchor`` step: bool ``[H, W, D]``. The slices of ``painted`` (the support label drawn on this very
     scan, ``[H, W, D]``) holding a voxel take the label as drawn (a person's label is the truth there); from
     them the organ is followed slice by slice away from the drawn ones: a slice keeps the predicted pixels
-    within ``growth`` pixels of the previous slice's kept mask, and the following stops at the first slice
-    that keeps none. The organ is the one the person pointed at: a look-alike elsewhere in the scan (the other
-    kidney) and a neighbour the prediction runs into over a few slices are dropped."""
+    within ``growth`` pixels of the previous slice's kept mask, and the following stops before the first slice
+    that keeps none, or whose kept pixels lie less than ``min_overlap`` inside the previous slice's mask (the
+    prediction has run into a neighbour: an organ's outline moves little from one slice to the next). The
+    organ is the one the person pointed at: a look-alike elsewhere in the scan (the other kidney) and a
+    neighbour the prediction runs into are dropped. ``growth`` and ``min_overlap``: bench/RESULTS.md, "MONAI
+    Label app"."""
     painted = np.asarray(painted, bool)
     pred = np.asarray(pred, bool)
     drawn = np.flatnonzero(painted.any(axis=(0, 1)))
@@ -182,7 +185,9 @@ def anchored_components(pred: np.ndarray, painted: np.ndarray, growth: int = 1) 
             allowed = ndimage.binary_dilation(out[..., z - step], ring, iterations=max(int(growth), 0)) \
                 if growth > 0 else out[..., z - step]
             out[..., z] = pred[..., z] & allowed
-            if not out[..., z].any():
+            kept = int(out[..., z].sum())
+            if not kept or (out[..., z] & out[..., z - step]).sum() < min_overlap * kept:
+                out[..., z] = False
                 break
             z += step
     # slices between two drawn slices: the prediction, within reach of either neighbour

@@ -145,10 +145,11 @@ def _disc(shape, centre, radius):
 
 
 def _painted_case():
-    """pred, painted, expected ``[32, 32, 10]``: organ discs at (10, 10), radius 5 on slice 4 shrinking by 1 per
-    slice to slice 8 and from slice 4 down to slice 1 (radius 2); a look-alike disc at (24, 24) on slices 2-7;
-    on slice 9 a blob touching the organ's slice-8 disc (kept: the organ's end as predicted) and one 6 px away
-    from it (dropped); the paint on slice 4 a disc of radius 4 (the person's outline, not the prediction's)."""
+    """pred, painted, expected ``[32, 32, 10]`` (expected with ``min_overlap`` 0): organ discs at (10, 10), radius
+    5 on slice 4 shrinking by 1 per slice to slice 8 and from slice 4 down to slice 1 (radius 2); a look-alike
+    disc at (24, 24) on slices 2-7; on slice 9 a blob touching the organ's slice-8 disc (2 of its 5 pixels inside
+    it: kept as the organ's end without the overlap rule, a neighbour with it) and one 6 px away from it
+    (dropped); the paint on slice 4 a disc of radius 4 (the person's outline, not the prediction's)."""
     shape, pred = (32, 32, 10), np.zeros((32, 32, 10), bool)
     expected = np.zeros_like(pred)
     for z, r in {1: 2, 2: 3, 3: 4, 4: 5, 5: 4, 6: 3, 7: 2, 8: 1}.items():
@@ -167,7 +168,12 @@ def _painted_case():
 
 def test_anchor_keeps_the_painted_organ_and_the_paint():
     pred, painted, expected = _painted_case()
-    np.testing.assert_array_equal(anchored_components(pred, painted), expected)
+    np.testing.assert_array_equal(anchored_components(pred, painted, min_overlap=0.0), expected)
+    # the overlap rule (default 0.8): the slice-9 blob lies 2/5 inside slice 8's organ, so the following stops
+    continuous = expected.copy()
+    continuous[..., 9] = False
+    np.testing.assert_array_equal(anchored_components(pred, painted), continuous)
+    np.testing.assert_array_equal(anchored_components(pred, painted, min_overlap=0.4), expected)  # 2/5 = 0.4
     # no growth between slices: a slice keeps only what lies inside the previous slice's kept mask, so the
     # shrinking organ is kept whole and of the end blob only its overlap with the slice-8 disc
     no_growth = expected.copy()
@@ -176,7 +182,7 @@ def test_anchor_keeps_the_painted_organ_and_the_paint():
     np.testing.assert_array_equal(anchored_components(pred, painted, growth=0), no_growth)
     prob = np.where(pred, 0.9, 0.1).astype(np.float32)
     image = np.zeros(pred.shape, np.float32)
-    np.testing.assert_array_equal(WholeScanSteps(("anchor", "consistency"))(prob, image, None, painted), expected)
+    np.testing.assert_array_equal(WholeScanSteps(("anchor", "consistency"))(prob, image, None, painted), continuous)
     # no paint (a query that is not the painted scan): consistency decides
     kept = WholeScanSteps(("anchor", "consistency"))(prob, image, None)
     np.testing.assert_array_equal(kept, WholeScanSteps(("consistency",))(prob, image, None))
@@ -195,6 +201,7 @@ def test_anchor_applies_to_the_painted_scans_file_only(tmp_path):
     link.symlink_to(scan)
     logits = torch.stack([torch.zeros(pred.shape), torch.as_tensor(np.where(pred, 2.0, -2.0))])
     steps = WholeScanStepsd("pred", steps=["anchor", "consistency"], painted={"image": str(scan), "mask": painted})
+    expected[..., 9] = False  # the default overlap rule (test above)
     for source, want in ((link, expected), (tmp_path / "other.nii.gz", None)):
         image = MetaTensor(torch.zeros((1, *pred.shape)), meta={"filename_or_obj": str(source)})
         out = steps({"pred": logits, "image": image})["pred"].argmax(0).numpy().astype(bool)
