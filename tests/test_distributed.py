@@ -11,6 +11,7 @@ from conftest import REPO_ROOT as REPO
 
 # Run under torch.distributed.run by the test below: rank 0's task runs once; every rank prints what it got.
 RANK_ZERO_SCRIPT = r'''
+import os
 import sys
 import torch.distributed as dist
 from fsmis_monai.distributed import on_rank_zero
@@ -19,19 +20,24 @@ from fsmis_monai.io import FsmisInputError
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 
+def say(line):
+    # one write per line: the two ranks share the pipe, and print's separate writes of text and newline can
+    # interleave ("rank 1 got folderrank 0 got folder")
+    os.write(1, (line + "\n").encode())
+
 def task(result):
     def run():
-        print(f"rank {rank} ran the task", flush=True)
+        say(f"rank {rank} ran the task")
         if result == "input error":
             raise FsmisInputError("scan_7.nii.gz: no voxel")
         return result
     return run
 
-print(f"rank {rank} got {on_rank_zero(task('folder'))}", flush=True)
+say(f"rank {rank} got {on_rank_zero(task('folder'))}")
 try:
     on_rank_zero(task("input error"))
 except FsmisInputError as e:
-    print(f"rank {rank} raised {e}", flush=True)
+    say(f"rank {rank} raised {e}")
 dist.destroy_process_group()
 '''
 
